@@ -1,0 +1,46 @@
+"""qlab: the library behind the QLab quantization course.
+
+    import qlab as ql
+    scale, zero_point = ql.choose_qparams(w, ql.int8, ql.PerChannel(axis=0))
+    q = ql.quantize(w, scale, zero_point, ql.int8, ql.PerChannel(axis=0))
+    w_hat = ql.dequantize(q, scale, zero_point, ql.PerChannel(axis=0))
+    print(ql.metrics.sqnr_db(w, w_hat))
+"""
+
+from . import metrics
+from .core import (
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    PerToken,
+    QTensor,
+    QType,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    int2,
+    int4,
+    int8,
+    pack_int4,
+    packed_nbytes,
+    qparam_shape,
+    qtype,
+    quantize,
+    quantize_tensor,
+    uint4,
+    uint8,
+    unpack_int4,
+)
+from .formats import FORMATS, nf4_codebook, round_to_format
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QType", "qtype", "int8", "uint8", "int4", "uint4", "int2",
+    "PerTensor", "PerChannel", "PerGroup", "PerToken", "qparam_shape",
+    "choose_qparams", "quantize", "dequantize", "fake_quantize",
+    "QTensor", "quantize_tensor",
+    "pack_int4", "unpack_int4", "packed_nbytes",
+    "FORMATS", "round_to_format", "nf4_codebook",
+    "metrics",
+]

@@ -1,0 +1,149 @@
+"""The three primitives of uniform affine quantization: choose qparams, quantize, dequantize.
+
+A real value x is represented by an integer code q through a `scale` (step size, a positive float)
+and a `zero_point` (the code that stands for the real value 0):
+
+    q     = clamp(round(x / scale) + zero_point, qmin, qmax)      quantize
+    x_hat = (q - zero_point) * scale                              dequantize
+
+round() is round-half-to-even (torch.round). Two ways to choose (scale, zero_point):
+
+  symmetric   zero_point = 0,  scale = absmax / qmax
+              signed codes are clamped to the *restricted* range [-qmax, qmax] (int8: [-127, 127]),
+              so the grid is symmetric and -128 is never used.
+  asymmetric  the range [min, max] is first widened to include 0 (so 0 is exactly representable:
+              zero padding and ReLU zeros cost no error), then
+              scale = (max - min) / (qmax - qmin),  zero_point = clamp(round(qmin - min / scale), qmin, qmax)
+              and codes use the full range [qmin, qmax] (uint8: [0, 255]).
+
+A slice whose values are all zero (or too tiny to matter) gets scale = 1, never 0, NaN or Inf.
+Every function takes a granularity (see `qlab.core.granularity`) that says which elements share qparams.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .granularity import Granularity, PerTensor, expand, slices
+from .qtypes import QType
+
+
+def _check_float(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}; wrap it with torch.as_tensor(...)")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor, got dtype {x.dtype}; "
+            f"convert it first, e.g. {name}.float()"
+        )
+
+
+def _check_qtype(qtype: QType) -> None:
+    if not isinstance(qtype, QType):
+        raise ValueError(f"qtype must be a ql.QType such as ql.int8 or ql.uint4, got {qtype!r}")
+
+
+def choose_qparams(
+    x: torch.Tensor,
+    qtype: QType,
+    granularity: Granularity = PerTensor(),
+    symmetric: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick (scale, zero_point) so that the codes of `qtype` cover the values of `x`.
+
+    Args:
+        x: floating-point tensor (weights or activations).
+        qtype: the integer type of the codes, e.g. ql.int8.
+        granularity: which elements share one pair (default: the whole tensor).
+        symmetric: zero_point = 0 and scale = absmax / qmax if True; else min/max affine (module docstring).
+
+    Returns:
+        scale (float32) and zero_point (int32), both of shape `qlab.core.granularity.qparam_shape(x, granularity)`.
+    """
+    _check_float(x)
+    _check_qtype(qtype)
+    s = slices(x.detach().float(), granularity)  # each slice along the last axis
+    if s.shape[-1] == 0:
+        raise ValueError(f"cannot choose qparams for an empty tensor of shape {tuple(x.shape)}")
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        absmax = s.abs().amax(dim=-1)
+        scale = absmax / qtype.qmax
+        scale = torch.where(scale > tiny, scale, torch.ones_like(scale))
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        return scale, zero_point
+    lo = s.amin(dim=-1).clamp(max=0.0)  # widen the range to include 0
+    hi = s.amax(dim=-1).clamp(min=0.0)
+    scale = (hi - lo) / (qtype.qmax - qtype.qmin)
+    scale = torch.where(scale > tiny, scale, torch.ones_like(scale))
+    zero_point = torch.round(qtype.qmin - lo / scale).clamp(qtype.qmin, qtype.qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def _code_range(zero_point: torch.Tensor, qtype: QType) -> tuple[torch.Tensor | int, int]:
+    """Lowest and highest allowed code: signed symmetric (zero_point == 0) uses [-qmax, qmax]."""
+    if qtype.signed:
+        lowest = torch.where(zero_point == 0, -qtype.qmax, qtype.qmin)
+        return lowest, qtype.qmax
+    return qtype.qmin, qtype.qmax
+
+
+def quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor | float,
+    zero_point: torch.Tensor | int,
+    qtype: QType,
+    granularity: Granularity = PerTensor(),
+) -> torch.Tensor:
+    """Map `x` to integer codes: clamp(round(x / scale) + zero_point, qmin, qmax).
+
+    Signed codes whose zero_point is 0 (symmetric quantization) are clamped to [-qmax, qmax].
+
+    Returns:
+        a tensor of x's shape holding the codes, dtype int8 (signed qtype) or uint8 (unsigned),
+        one code per element (not bit-packed; see ql.pack_int4 and ql.quantize_tensor for that).
+    """
+    _check_float(x)
+    _check_qtype(qtype)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    zero_point = torch.as_tensor(zero_point, dtype=torch.int32, device=x.device)
+    if not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
+        raise ValueError("scale must be positive and finite everywhere; compute it with ql.choose_qparams")
+    s = expand(scale, x, granularity)
+    z = expand(zero_point, x, granularity)
+    lowest, highest = _code_range(z, qtype)
+    q = torch.round(x.float() / s) + z
+    q = torch.maximum(q, torch.as_tensor(lowest, dtype=q.dtype, device=q.device)).clamp(max=highest)
+    return q.to(qtype.storage_dtype)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor | float,
+    zero_point: torch.Tensor | int,
+    granularity: Granularity = PerTensor(),
+) -> torch.Tensor:
+    """Map integer codes back to real values: (q - zero_point) * scale, as float32."""
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"q must be a torch.Tensor of integer codes, got {type(q).__name__}")
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device)
+    zero_point = torch.as_tensor(zero_point, dtype=torch.int32, device=q.device)
+    s = expand(scale, q, granularity)
+    z = expand(zero_point, q, granularity)
+    return (q.to(torch.int32) - z).float() * s
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    qtype: QType,
+    granularity: Granularity = PerTensor(),
+    symmetric: bool = True,
+) -> torch.Tensor:
+    """Quantize then dequantize `x` with qparams chosen from `x` itself: the value each element becomes.
+
+    Returns a tensor of x's shape and dtype. No gradient flows through round() here; for training use
+    the straight-through estimator in qlab's QAT module.
+    """
+    scale, zero_point = choose_qparams(x, qtype, granularity, symmetric)
+    q = quantize(x, scale, zero_point, qtype, granularity)
+    return dequantize(q, scale, zero_point, granularity).to(x.dtype)
