@@ -7,7 +7,7 @@
     print(ql.metrics.sqnr_db(w, w_hat))
 """
 
-from . import metrics
+from . import data, eval, metrics, models
 from .core import (
     PerChannel,
     PerGroup,
@@ -35,6 +35,14 @@ from .formats import FORMATS, nf4_codebook, round_to_format
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    if name == "viz":  # matplotlib is imported only when a plot is asked for
+        import importlib
+
+        return importlib.import_module(".viz", __name__)
+    raise AttributeError(f"module 'qlab' has no attribute {name!r}")
+
 __all__ = [
     "QType", "qtype", "int8", "uint8", "int4", "uint4", "int2",
     "PerTensor", "PerChannel", "PerGroup", "PerToken", "qparam_shape",
@@ -42,5 +50,5 @@ __all__ = [
     "QTensor", "quantize_tensor",
     "pack_int4", "unpack_int4", "packed_nbytes",
     "FORMATS", "round_to_format", "nf4_codebook",
-    "metrics",
+    "metrics", "data", "eval", "models", "viz",
 ]

@@ -1,0 +1,88 @@
+"""Offline data for the course: text for the Tiny GPT, batches for calibration and evaluation.
+
+Nothing here touches the network. The Tiny GPT's corpus is the Python documentation that ships with
+every CPython install (`pydoc_data.topics`: the language reference's topic pages, about 465 KB of
+English). Its split is by topic, fixed and documented: every 10th topic (sorted by name, starting at the
+6th) is validation, the rest is training, so validation text is never seen in training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VAL_EVERY = 10
+VAL_OFFSET = 5
+
+
+def pydoc_topics() -> dict[str, str]:
+    """The standard library's documentation topics, name -> text."""
+    from pydoc_data.topics import topics
+
+    return dict(sorted(topics.items()))
+
+
+def pydoc_corpus(split: str = "train") -> torch.Tensor:
+    """The Tiny GPT corpus as a 1-D uint8 tensor of UTF-8 bytes.
+
+    Args:
+        split: "train" or "val" (fixed topic-level split, see the module docstring).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    names = list(pydoc_topics())
+    keep = [n for i, n in enumerate(names) if (i % VAL_EVERY == VAL_OFFSET) == (split == "val")]
+    text = "\n\n".join(pydoc_topics()[n] for n in keep)
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
+
+
+def lm_batch(
+    data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of `data`: inputs x (B, T) and next-byte targets y (B, T), int64."""
+    if data.numel() <= block_size + 1:
+        raise ValueError(f"data has {data.numel()} tokens; need more than block_size + 1 = {block_size + 1}")
+    starts = torch.randint(0, data.numel() - block_size - 1, (batch_size,), generator=generator)
+    x = torch.stack([data[s : s + block_size] for s in starts.tolist()]).long()  # (B, T)
+    y = torch.stack([data[s + 1 : s + 1 + block_size] for s in starts.tolist()]).long()  # (B, T)
+    return x, y
+
+
+def lm_calibration_batches(
+    n_batches: int = 8, batch_size: int = 8, block_size: int = 128, seed: int = 0
+) -> list[torch.Tensor]:
+    """Deterministic calibration inputs for the Tiny GPT: `n_batches` tensors (B, T) of training bytes."""
+    g = torch.Generator().manual_seed(seed)
+    data = pydoc_corpus("train")
+    return [lm_batch(data, batch_size, block_size, g)[0] for _ in range(n_batches)]
+
+
+def digits_split(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits as images (N, 1, 8, 8) in [0, 1] and labels (N,), split 80/20.
+
+    The split is stratified by class with a fixed seed, so train and test are the same on every machine.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    test_idx = []
+    for c in range(10):  # stratified: 20 % of every class goes to test
+        idx = (labels == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test_idx.append(idx[: round(0.2 * len(idx))])
+    is_test = torch.zeros(len(labels), dtype=torch.bool)
+    is_test[torch.cat(test_idx)] = True
+    keep = is_test if split == "test" else ~is_test
+    return images[keep], labels[keep]
+
+
+def digits_calibration_batches(n_batches: int = 8, batch_size: int = 32, seed: int = 0) -> list[torch.Tensor]:
+    """Deterministic calibration images (B, 1, 8, 8) drawn from the digits training split."""
+    x, _ = digits_split("train")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    return [x[perm[i * batch_size : (i + 1) * batch_size]] for i in range(n_batches)]

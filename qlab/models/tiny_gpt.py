@@ -1,0 +1,198 @@
+"""Tiny GPT: a byte-level, nanoGPT-style causal language model small enough to train on a laptop CPU.
+
+The architecture is GPT-2's (Radford et al. 2019, https://cdn.openai.com/better-language-models/language_models_are_unsupervised_multitask_learners.pdf):
+token + position embeddings, `n_layer` pre-LayerNorm blocks of causal self-attention and a GELU MLP,
+a final LayerNorm and an LM head tied to the token embedding. Tokens are raw bytes (vocab 256), so no
+tokenizer is needed and bits-per-byte is directly comparable across models.
+
+Every matrix multiply lives in an `nn.Linear`, so the quantization chapters can swap them for
+quantized modules without touching this file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of a Tiny GPT. The defaults are the shipped checkpoint's."""
+
+    vocab_size: int = 256
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where each position sees only itself and earlier positions."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: Linear(C -> 4C), GELU, Linear(4C -> C)."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    """One transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyGPT(nn.Module):
+    """The whole model: bytes in, next-byte logits out."""
+
+    def __init__(self, cfg: GPTConfig = GPTConfig()) -> None:
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (the tied LM head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, vocab); with `targets`, also the mean cross-entropy in nats per byte."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}; crop the input")
+        pos = torch.arange(T, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 40,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append `max_new_tokens` sampled bytes to `idx` (B, T); temperature 0 means greedy."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.config.block_size :])[:, -1, :]  # (B, vocab)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+def encode(text: str) -> torch.Tensor:
+    """UTF-8 bytes of `text` as a (1, T) int64 tensor of tokens."""
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long).unsqueeze(0)
+
+
+def decode(tokens: torch.Tensor) -> str:
+    """Tokens (T,) or (1, T) back to text (invalid UTF-8 sequences replaced)."""
+    return bytes(tokens.reshape(-1).tolist()).decode("utf-8", errors="replace")
+
+
+def config_dict(cfg: GPTConfig) -> dict[str, str]:
+    """The config as string metadata for a safetensors header."""
+    return {k: str(v) for k, v in asdict(cfg).items()}
+
+
+def config_from_dict(meta: dict[str, str]) -> GPTConfig:
+    """Inverse of `config_dict`."""
+    kwargs = {k: float(meta[k]) if k == "dropout" else int(meta[k]) for k in GPTConfig.__dataclass_fields__ if k in meta}
+    return GPTConfig(**kwargs)
+
+
+def tiny_gpt(pretrained: bool = True, dtype: torch.dtype = torch.float32) -> TinyGPT:
+    """The course's Tiny GPT, in eval mode.
+
+    Args:
+        pretrained: load the shipped checkpoint (qlab/models/checkpoints/tiny_gpt.safetensors, stored in
+            fp16) if True; otherwise a freshly initialised model of the same shape.
+        dtype: parameter dtype after loading.
+    """
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    if not pretrained:
+        return TinyGPT(GPTConfig()).to(dtype).eval()
+    path = Path(__file__).parent / "checkpoints" / "tiny_gpt.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing; it ships with the qlab repository. Recreate it with "
+            "`python -m qlab.models.train_tiny_gpt`."
+        )
+    with safe_open(str(path), framework="pt") as f:
+        cfg = config_from_dict(f.metadata())
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    model = TinyGPT(cfg)
+    state["lm_head.weight"] = state["wte.weight"]
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.to(dtype).eval()

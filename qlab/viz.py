@@ -1,0 +1,68 @@
+"""Matplotlib helpers the chapters share: histograms, outlier heat maps, error-vs-bits curves."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import matplotlib.pyplot as plt
+import torch
+
+from . import metrics
+
+
+def histogram(x: torch.Tensor, ax=None, bins: int = 200, title: str = "", log: bool = True, label: str | None = None):
+    """Histogram of all values of `x` (log-count by default, so rare outliers stay visible)."""
+    ax = ax or plt.gca()
+    ax.hist(x.detach().float().reshape(-1).numpy(), bins=bins, log=log, alpha=0.7, label=label)
+    ax.set_xlabel("value")
+    ax.set_ylabel("count (log)" if log else "count")
+    ax.set_title(title)
+    return ax
+
+
+def outlier_heatmap(x: torch.Tensor, ax=None, title: str = "|activation| per token and channel"):
+    """Heat map of |x| for x of shape (tokens, channels): outlier channels show as bright columns."""
+    if x.dim() != 2:
+        raise ValueError(f"outlier_heatmap takes a (tokens, channels) tensor, got shape {tuple(x.shape)}; reshape first")
+    ax = ax or plt.gca()
+    im = ax.imshow(x.detach().abs().float().numpy(), aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xlabel("channel")
+    ax.set_ylabel("token")
+    ax.set_title(title)
+    plt.colorbar(im, ax=ax)
+    return ax
+
+
+def channel_absmax(x: torch.Tensor, ax=None, title: str = "max |value| per channel"):
+    """Bar plot of the per-channel max |x| over all leading axes (the usual outlier diagnostic)."""
+    ax = ax or plt.gca()
+    amax = x.detach().abs().float().reshape(-1, x.shape[-1]).amax(0)
+    ax.bar(range(len(amax)), amax.numpy(), width=1.0)
+    ax.set_xlabel("channel")
+    ax.set_ylabel("max |value|")
+    ax.set_title(title)
+    return ax
+
+
+def error_vs_bits(
+    x: torch.Tensor,
+    quantizers: dict[str, Callable[[torch.Tensor, int], torch.Tensor]],
+    bits: Sequence[int] = (2, 3, 4, 5, 6, 7, 8),
+    ax=None,
+    metric: str = "sqnr_db",
+):
+    """Plot SQNR (or MSE) of each quantizer `fn(x, bits) -> x_hat` against bit width; returns the table."""
+    ax = ax or plt.gca()
+    fn = getattr(metrics, metric)
+    table = {}
+    for name, quantizer in quantizers.items():
+        ys = [fn(x, quantizer(x, b)) for b in bits]
+        table[name] = ys
+        ax.plot(list(bits), ys, marker="o", label=name)
+    ax.set_xlabel("bits")
+    ax.set_ylabel("SQNR (dB)" if metric == "sqnr_db" else metric)
+    if metric == "mse":
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return table

@@ -1,0 +1,77 @@
+"""Evaluation helpers against hand-computed cases."""
+
+import pytest
+import torch
+
+import qlab as ql
+
+
+def test_accuracy_by_hand():
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0], [0.0, 3.0]])
+    y = torch.tensor([0, 1, 1, 1])
+    assert ql.eval.accuracy(model, x, y, batch_size=3) == 0.75
+    with pytest.raises(ValueError, match="labels"):
+        ql.eval.accuracy(model, x, y[:2])
+
+
+def test_embedding_fidelity_detects_a_changed_neighbour():
+    ref = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    cand = torch.tensor([[1.0, 0.0], [0.1, 0.9], [0.0, 1.0]])
+    out = ql.eval.embedding_fidelity(ref, cand)
+    # nearest neighbours: ref 0->1, 1->0, 2->1 ; cand 0->1, 1->2, 2->1
+    assert out["retrieval_top1"] == pytest.approx(2 / 3)
+    assert out["cosine_min"] < 0.3 and out["cosine_mean"] < 1.0
+
+
+def test_model_nbytes_counts_real_storage_and_tied_weights_once():
+    lin = torch.nn.Linear(10, 4)  # 40 + 4 floats
+    assert ql.eval.model_nbytes(lin) == 44 * 4
+    gpt = ql.models.tiny_gpt(pretrained=False)
+    distinct = sum(p.numel() for p in gpt.parameters())  # parameters() already skips the tied head
+    assert ql.eval.model_nbytes(gpt) == distinct * 4
+    bn = torch.nn.BatchNorm1d(8)  # weight, bias, running mean/var (fp32) + num_batches_tracked (int64)
+    assert ql.eval.model_nbytes(bn) == 4 * 8 * 4 + 8
+
+
+def test_model_nbytes_counts_qtensors():
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qweight = ql.quantize_tensor(torch.randn(64, 64), ql.int4, ql.PerGroup(32))
+
+    assert ql.eval.model_nbytes(Holder()) == 64 * 64 // 2 + 64 * 2 * 4
+
+
+def test_measure_latency_reports_a_median():
+    calls = []
+    out = ql.eval.measure_latency(lambda: calls.append(1), warmup=2, repeats=5)
+    assert len(calls) == 7
+    assert out["min_s"] <= out["median_s"] <= out["max_s"]
+
+
+def test_memory_bandwidth_is_plausible():
+    gbps = ql.eval.memory_bandwidth_gbps(nbytes=64 * 2**20, repeats=3)
+    assert 0.5 < gbps < 5000
+
+
+def test_viz_helpers_draw(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = torch.randn(32, 16)
+    x[:, 3] *= 20
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3))
+    ql.viz.histogram(x, ax=axes[0])
+    ql.viz.outlier_heatmap(x, ax=axes[1])
+    ql.viz.channel_absmax(x, ax=axes[2])
+    table = ql.viz.error_vs_bits(x, {"per-tensor": lambda t, b: ql.fake_quantize(t, ql.qtype(b))}, bits=(4, 8), ax=axes[3])
+    fig.savefig(tmp_path / "viz.png")
+    assert (tmp_path / "viz.png").stat().st_size > 1000
+    assert table["per-tensor"][1] > table["per-tensor"][0]
+    with pytest.raises(ValueError, match="tokens, channels"):
+        ql.viz.outlier_heatmap(torch.randn(2, 3, 4))
