@@ -86,3 +86,26 @@ def digits_calibration_batches(n_batches: int = 8, batch_size: int = 32, seed: i
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=g)
     return [x[perm[i * batch_size : (i + 1) * batch_size]] for i in range(n_batches)]
+
+
+def wikitext2(split: str = "test") -> str:
+    """WikiText-2 (raw) as one string, for users who have a dataset hub. Never used by the book or tests.
+
+    Needs the `datasets` package and network access (or its local cache). The lines are joined with
+    blank lines, the convention behind most published WikiText-2 perplexities; tokenize the string with
+    your model's tokenizer and pass the ids to `ql.eval.perplexity`.
+    """
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
+    try:
+        from datasets import load_dataset
+    except ImportError as err:
+        raise ImportError("WikiText-2 needs the `datasets` package: pip install datasets (and network access)") from err
+    try:
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    except Exception as err:  # datasets raises several types for "offline / not cached"
+        raise FileNotFoundError(
+            f"could not load WikiText-2 ({type(err).__name__}: {err}); it needs network access or a local "
+            "datasets cache. The book uses ql.data.pydoc_corpus() instead, which is always available."
+        ) from err
+    return "\n\n".join(rows["text"])
