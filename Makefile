@@ -11,7 +11,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # Keep notebook execution and tests off the network and off stray user config.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export MPLBACKEND := Agg
 
 .PHONY: book test release clean venv
 

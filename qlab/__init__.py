@@ -31,7 +31,7 @@ from .core import (
     uint8,
     unpack_int4,
 )
-from .formats import FORMATS, nf4_codebook, round_to_format
+from .formats import FORMATS, nf4_codebook, representable_values, round_to_format, spacing
 
 __version__ = "0.1.0"
 
@@ -49,6 +49,6 @@ __all__ = [
     "choose_qparams", "quantize", "dequantize", "fake_quantize",
     "QTensor", "quantize_tensor",
     "pack_int4", "unpack_int4", "packed_nbytes",
-    "FORMATS", "round_to_format", "nf4_codebook",
+    "FORMATS", "round_to_format", "nf4_codebook", "representable_values", "spacing",
     "metrics", "data", "eval", "models", "viz",
 ]
