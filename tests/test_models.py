@@ -36,10 +36,11 @@ def test_tiny_gpt_size_and_checkpoint(gpt):
 
 
 def test_tiny_gpt_validation_perplexity_below_bound(gpt):
-    # A byte-level model that learned nothing scores 8 bits/byte (uniform) and ~4.5 with unigram stats.
+    # A byte-level model that learned nothing scores 8 bits/byte (uniform) and ~4.5 with unigram stats;
+    # the shipped checkpoint measured 1.32 on all of validation and 1.25 on these first 16 KB.
     val = ql.data.pydoc_corpus("val")
     result = ql.eval.perplexity(gpt, val, max_tokens=16384, batch_size=32, progress=False)
-    assert result["bits_per_token"] < 2.6, result
+    assert result["bits_per_token"] < 1.45, result
     assert result["perplexity"] == pytest.approx(2 ** result["bits_per_token"], rel=1e-6)
 
 
