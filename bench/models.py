@@ -60,7 +60,7 @@ def main() -> None:
     cases = [
         ("tiny GPT (8 x 128 bytes)", gpt, lambda m: m(tokens)),
         ("MiniLM-L6 (16 sentences)", mini, lambda m: m(**batch)),
-        ("digits CNN (256 images)", cnn, lambda m: m(images[:256])),
+        ("digits CNN (256 images)", cnn, lambda m: m(images[:256].to(next(m.parameters()).dtype))),
     ]
     header = f"{'model':28s} {'variant':18s} {'bytes':>12s} {'size x':>7s} {'latency ms':>11s} {'speed-up':>9s}"
     print(header)
