@@ -7,7 +7,44 @@
     print(ql.metrics.sqnr_db(w, w_hat))
 """
 
-from . import data, eval, metrics, models
+from . import (
+    api,
+    bias_correction,
+    bn_folding,
+    calibration,
+    cle,
+    data,
+    eval,
+    kernels,
+    metrics,
+    models,
+    nn,
+    observers,
+    qat,
+    sensitivity,
+)
+from .api import (
+    FakeQuantConfig,
+    Int4WeightOnlyConfig,
+    Int8DynamicConfig,
+    Int8StaticConfig,
+    Int8WeightOnlyConfig,
+    quantize_,
+)
+from .bias_correction import bias_correction_
+from .bn_folding import fold_batchnorm_
+from .cle import equalize_
+from .nn import Int4WeightOnlyLinear, Int8WeightOnlyLinear, QuantConv2d, QuantLinear
+from .observers import (
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MSEObserver,
+    PercentileObserver,
+    qparams_from_range,
+)
+from .qat import FakeQuantConv2d, FakeQuantLinear, FakeQuantize, LSQFakeQuantize, convert_, fake_quantize_ste, qat_schedule_
+from .sensitivity import assign_mixed_precision, layer_sensitivity
 from .core import (
     PerChannel,
     PerGroup,
@@ -51,4 +88,12 @@ __all__ = [
     "pack_int4", "unpack_int4", "packed_nbytes",
     "FORMATS", "round_to_format", "nf4_codebook", "representable_values", "spacing",
     "metrics", "data", "eval", "models", "viz",
+    "observers", "calibration", "bn_folding", "cle", "bias_correction", "sensitivity", "api", "nn", "qat", "kernels",
+    "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "HistogramObserver", "MSEObserver",
+    "qparams_from_range", "fold_batchnorm_", "equalize_", "bias_correction_", "layer_sensitivity",
+    "assign_mixed_precision",
+    "quantize_", "Int8DynamicConfig", "Int8StaticConfig", "Int8WeightOnlyConfig", "Int4WeightOnlyConfig",
+    "FakeQuantConfig", "QuantLinear", "QuantConv2d", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear",
+    "fake_quantize_ste", "LSQFakeQuantize", "FakeQuantize", "FakeQuantLinear", "FakeQuantConv2d",
+    "qat_schedule_", "convert_",
 ]

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .core.granularity import Granularity, PerChannel, PerTensor, slices
-from .core.primitives import _check_float, _check_qtype, dequantize, quantize
+from .core.granularity import Granularity, PerChannel, PerTensor, PerToken, slices
+from .core.primitives import _check_float, _check_qtype, choose_qparams, dequantize, quantize
 from .core.qtypes import QType, int8
 
 
@@ -71,16 +71,8 @@ def qparams_from_range(
         raise ValueError("min_val and max_val must be finite; has the observer seen any data yet?")
     if bool((lo > hi).any()):
         raise ValueError("min_val must be <= max_val everywhere; pass (min, max) in that order")
-    tiny = torch.finfo(torch.float32).tiny
-    if symmetric:
-        scale = torch.maximum(lo.abs(), hi.abs()) / qtype.qmax
-        scale = torch.where(scale > tiny, scale, torch.ones_like(scale))
-        return scale, torch.zeros_like(scale, dtype=torch.int32)
-    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)  # widen the range to include 0
-    scale = (hi - lo) / (qtype.qmax - qtype.qmin)
-    scale = torch.where(scale > tiny, scale, torch.ones_like(scale))
-    zero_point = torch.round(qtype.qmin - lo / scale).clamp(qtype.qmin, qtype.qmax).to(torch.int32)
-    return scale, zero_point
+    # choose_qparams on the two-element slice [lo, hi] applies exactly its conventions, slice by slice
+    return choose_qparams(torch.stack([lo, hi], dim=-1), qtype, PerToken(), symmetric)
 
 
 class Observer(nn.Module):
