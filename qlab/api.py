@@ -19,8 +19,7 @@ with `__call__(x)` and `calculate_qparams()` to use another one.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,8 @@ from torch import nn
 from .core.granularity import Granularity, PerChannel, PerTensor, PerToken
 from .core.qtypes import QType, int8, uint8
 from .nn import WEIGHT_GRANULARITIES, Int4WeightOnlyLinear, Int8WeightOnlyLinear, QuantConv2d, QuantLinear
-from .observers import qparams_from_range
+from .calibration import calibrate, run_batch
+from .observers import MinMaxObserver
 from .qat import FakeQuantConv2d, FakeQuantize, FakeQuantLinear, act_fake_quant, weight_fake_quant
 
 
@@ -194,64 +194,6 @@ def select_modules(model: nn.Module, config: Config) -> list[tuple[str, nn.Modul
     return chosen
 
 
-# ----------------------------------------------------------------------------- calibration
-class MinMaxRange:
-    """The default observer: the smallest and largest value seen over all batches."""
-
-    def __init__(self, qtype: QType, symmetric: bool) -> None:
-        self.qtype, self.symmetric = qtype, symmetric
-        self.min_val = self.max_val = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lo, hi = x.detach().float().min(), x.detach().float().max()
-        self.min_val = lo if self.min_val is None else torch.minimum(self.min_val, lo)
-        self.max_val = hi if self.max_val is None else torch.maximum(self.max_val, hi)
-        return x
-
-    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.min_val is None:
-            raise ValueError("this observer saw no data: the calibration batches never reached its layer")
-        return qparams_from_range(self.min_val, self.max_val, self.qtype, self.symmetric)
-
-
-def run_batch(model: nn.Module, batch) -> None:
-    """model(batch), model(*batch) or model(**batch) for a tensor, a tuple/list or a dict."""
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
-
-
-@contextmanager
-def observing_inputs(targets: list[tuple[str, nn.Module]], observers: dict[str, object]) -> Iterator[None]:
-    """Inside the block, every target layer's input is passed to its observer first."""
-    handles = [m.register_forward_pre_hook(lambda _m, args, obs=observers[name]: obs(args[0])) for name, m in targets]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, targets: list[tuple[str, nn.Module]], calib_data: Iterable, make_observer: Callable[[], object]):
-    """Run calib_data through the model (eval mode) and return {layer name: observer that saw its inputs}."""
-    observers = {name: make_observer() for name, _ in targets}
-    was_training = model.training
-    model.eval()
-    n = 0
-    with observing_inputs(targets, observers):
-        for batch in calib_data:
-            run_batch(model, batch)
-            n += 1
-    model.train(was_training)
-    if n == 0:
-        raise ValueError("calib_data is empty; pass a few representative batches, e.g. ql.data.digits_calibration_batches()")
-    return observers
-
-
 # ----------------------------------------------------------------------------- one swap rule per config
 def _swap_dynamic(m: nn.Module, c: Int8DynamicConfig, observer) -> nn.Module:
     quant = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear
@@ -310,8 +252,9 @@ def quantize_(model: nn.Module, config: Config, calib_data: Iterable | None = No
     targets = select_modules(model, config)
     observers = dict.fromkeys(name for name, _ in targets)
     if calib_data is not None and isinstance(config, Int8StaticConfig):
-        make = config.observer or (lambda: MinMaxRange(config.act_qtype, config.act_symmetric))
-        observers = calibrate(model, targets, calib_data, make)
+        make = config.observer or (lambda: MinMaxObserver(qtype=config.act_qtype, symmetric=config.act_symmetric))
+        stats = calibrate(model, calib_data, make, module_names=[name for name, _ in targets], progress=False)
+        observers = {name: stats[name].input for name, _ in targets}
     for name, m in targets:
         model.set_submodule(name, SWAP[type(config)](m, config, observers[name]))
     if calib_data is not None and isinstance(config, FakeQuantConfig):

@@ -116,8 +116,11 @@ def observe(
     stats = {}
     for name in names:
         pair = [observer_factory() if where in (w, "both") else None for w in ("input", "output")]
-        if not all(o is None or isinstance(o, Observer) for o in pair):
-            raise ValueError(f"observer_factory must return a ql.observers.Observer, e.g. HistogramObserver; got {pair}")
+        if not all(o is None or (callable(o) and hasattr(o, "calculate_qparams")) for o in pair):
+            raise ValueError(
+                "observer_factory must return an observer (callable, with calculate_qparams()), "
+                f"e.g. ql.HistogramObserver; got {pair}"
+            )
         stats[name] = LayerStats(*pair)
 
     def hook_for(name: str) -> Callable:
@@ -133,16 +136,30 @@ def observe(
         yield stats
 
 
+def run_batch(model: nn.Module, batch) -> None:
+    """model(batch), model(*batch) or model(**batch) for a tensor, a tuple/list or a dict of inputs."""
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
 def _run(model: nn.Module, batches: Iterable, desc: str, progress: bool) -> None:
     """model(batch) for every batch, in eval mode and without gradients; the mode is restored after."""
     was_training = model.training
     model.eval()
+    n = 0
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-                model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+                run_batch(model, batch)
+                n += 1
     finally:
         model.train(was_training)
+    if n == 0:
+        raise ValueError("calib_data is empty: pass a few representative batches, e.g. ql.data.digits_calibration_batches()")
 
 
 def calibrate(
@@ -156,7 +173,7 @@ def calibrate(
 ) -> dict[str, LayerStats]:
     """`observe` the model while it runs every calibration batch (eval mode, no gradients, progress bar).
 
-    A batch is a tensor (model(batch)) or a tuple of arguments (model(*batch)).
+    A batch is a tensor (model(batch)), a tuple of arguments (model(*batch)) or a dict (model(**batch)).
     """
     with observe(model, observer_factory, include, where, module_names) as stats:
         _run(model, batches, "calibrate", progress)

@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core.granularity import Granularity, PerChannel, PerTensor, PerToken, expand, slices
-from .core.primitives import choose_qparams
+from .core.granularity import Granularity, PerChannel, PerTensor, expand, slices
 from .core.qtypes import QType, qtype
 from .nn import QuantConv2d, QuantLinear
 from .observers import qparams_from_range

@@ -111,7 +111,7 @@ def test_calibration_errors(cnn):
     with pytest.raises(ValueError, match="no module named"):
         with calibration.observe(cnn, module_names=["conv9"]):
             pass
-    with pytest.raises(ValueError, match="must return a ql.observers.Observer"):
+    with pytest.raises(ValueError, match="must return an observer"):
         with calibration.observe(cnn, lambda: "minmax"):
             pass
     with pytest.raises(ValueError, match="no module of type"):
