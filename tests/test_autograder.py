@@ -1,0 +1,503 @@
+"""The autograder against adversarial submissions: each gets exactly what its honest work deserves.
+
+One batch grades every attack below next to two honest submissions, a blank one and a partly wrong one,
+in a copy of labs/ under pytest's tmp_path. Each case states the score its honest work deserves:
+
+- an attack bolted onto correct answers deserves full marks: it must neither help nor hurt;
+- an attack on blank answers deserves 0: it must not help;
+- a notebook that stops itself (os._exit, a segfault, an endless cell) keeps the parts graded before it stopped,
+  as under nbgrader, where a test cell only passes if the notebook reaches it.
+
+Every number is also checked in nbgrader's gradebook, grades.csv and the feedback pages.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from autograder import collect, notebook, plain, sandbox
+from autograder.grade import grade, load_lab
+from autograder.records import open_gradebook
+from labs.release import run_nbgrader
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB = "lab1"
+SOURCE = ROOT / "labs" / "source" / LAB / f"{LAB}.ipynb"
+LIMITS = sandbox.Limits(timeout=40, cell_timeout=6, memory_mb=1024)
+PART_POINTS = {"test_symmetric_by_hand": 10, "test_symmetric_vs_reference": 10, "test_asymmetric_by_hand": 10,
+               "test_asymmetric_vs_reference": 10, "test_sqnr": 10, "test_per_channel": 10, "test_per_group": 10,
+               "test_pack_int4": 10, "test_unpack_int4": 5, "test_analysis_sqnr": 8, "test_analysis_answer": 7}
+
+
+# -- building submissions -------------------------------------------------------------------------------------
+
+
+def meta(cell) -> dict:
+    return cell.metadata.get("nbgrader", {})
+
+
+def honest() -> nbformat.NotebookNode:
+    """What a student who solved everything submits: the solutions without markers, only the visible tests."""
+    nb = nbformat.read(SOURCE, as_version=4)
+    for cell in nb.cells:
+        if meta(cell).get("solution"):
+            cell.source = "\n".join(line for line in cell.source.splitlines() if "### " not in line)
+        elif meta(cell).get("grade"):
+            cell.source = cell.source.split("### BEGIN HIDDEN TESTS")[0]
+    return nb
+
+
+def cell_index(nb, grade_id: str) -> int:
+    return next(i for i, cell in enumerate(nb.cells) if meta(cell).get("grade_id") == grade_id)
+
+
+def blank(nb, *grade_ids):
+    """Put the release's stub back into these solution cells (all of them if none are named)."""
+    for cell in nb.cells:
+        if meta(cell).get("solution") and (not grade_ids or meta(cell)["grade_id"] in grade_ids):
+            cell.source = "# YOUR CODE HERE\nraise NotImplementedError()"
+    return nb
+
+
+def add_after(nb, grade_id: str, source: str):
+    """A cell of the student's own (no nbgrader metadata) right after the cell grade_id."""
+    nb.cells.insert(cell_index(nb, grade_id) + 1, nbformat.v4.new_code_cell(source))
+    return nb
+
+
+def replace(nb, grade_id: str, source: str):
+    nb.cells[cell_index(nb, grade_id)].source = source
+    return nb
+
+
+LAST = "test_analysis_answer"
+
+
+def attacks(course: Path, submissions: Path) -> dict[str, tuple[nbformat.NotebookNode | bytes | None, float]]:
+    """Every submission of the batch: (notebook, file bytes or None for no notebook; the score it deserves)."""
+    secrets = [course / "source" / LAB / f"{LAB}.ipynb", course / "gradebook.db", SOURCE,
+               ROOT / "autograder" / "specs" / "lab1.py", ROOT / ".git" / "HEAD", submissions / "honest_a" / LAB / f"{LAB}.ipynb"]
+    cases = {
+        "honest_a": (honest(), 100),
+        "honest_b": (honest(), 100),
+        "blank": (blank(honest()), 0),
+        "wrong_why": (replace(honest(), "analysis", honest().cells[cell_index(honest(), "analysis")].source.replace('why = "b"', 'why = "a"')), 93),
+        # Patched comparison functions: the judge never uses the sandbox's torch, numpy or math.
+        "patched_allclose": (add_after(blank(honest()), "setup", (
+            "import math, numpy, torch\n"
+            "torch.allclose = torch.equal = numpy.allclose = math.isclose = lambda *a, **k: True\n"
+            "torch.Tensor.__eq__ = lambda self, other: True\n")), 0),
+        # IPython hooks that blank later cells or hide failures: the sandbox has no IPython shell to hook.
+        "ipython_hooks": (add_after(blank(honest()), "setup", (
+            "ip = get_ipython()\n"
+            "ip.input_transformers_post.append(lambda lines: ['pass\\n'])\n"
+            "ip.events.register('post_run_cell', lambda result: None)\n")), 0),
+        "showtraceback": (add_after(blank(honest()), "setup", (
+            "import sys\n"
+            "get_ipython().showtraceback = lambda *a, **k: None\n"
+            "sys.excepthook = lambda *a: None\n")), 0),
+        "hooks_on_good_work": (add_after(honest(), "setup", (
+            "import sys\nsys.excepthook = lambda *a: None\nget_ipython().run_line_magic('time', 'x = 1')\n"
+            "%time y = 2\n")), 100),
+        # Reading hidden tests, sources, the spec, the gradebook or another student's notebook: any success
+        # turns `why` into a wrong answer, so a leak would cost this otherwise perfect notebook 7 points.
+        "read_secrets": (add_after(honest(), "analysis", (
+            "import os\n"
+            f"for path in {[str(p) for p in secrets]!r} + ['../source/lab1/lab1.ipynb', '/proc/1/cwd/x']:\n"
+            "    try:\n"
+            "        open(path, 'rb').read(10)\n"
+            "        why = 'LEAKED'\n"
+            "    except OSError:\n"
+            "        pass\n"
+            f"if os.path.exists({str(ROOT / 'labs')!r}) or os.path.exists({str(course)!r}):\n"
+            "    why = 'LEAKED'\n")), 100),
+        "write_gradebook": (add_after(blank(honest()), "setup", (
+            "import sqlite3\n"
+            f"for path in [{str(course / 'gradebook.db')!r}, {str(course / 'grades.csv')!r}]:\n"
+            "    try:\n"
+            "        db = sqlite3.connect(path)\n"
+            "        db.execute('UPDATE grade SET auto_score = 100')\n"
+            "        db.commit()\n"
+            "    except Exception:\n"
+            "        pass\n"
+            f"open({str(course / 'grades.csv')!r}, 'w').write('student_id,score\\nwrite_gradebook,100\\n')\n")), 0),
+        # Processes that outlive the notebook: killed with the sandbox (checked below, no survivors).
+        "background_process": (add_after(honest(), LAST, (
+            "import os, subprocess, time\n"
+            "subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            "    if os.fork() == 0:\n"
+            "        time.sleep(300)\n"
+            "    os._exit(0)\n")), 100),
+        # Grading-mode detection: the sandbox has a clean environment (the grader's variables are not there).
+        "detect_grading": (add_after(honest(), "analysis", (
+            "import os\n"
+            "if any(k.startswith(('AUTOGRADER', 'NBGRADER', 'QLAB')) for k in os.environ):\n"
+            "    why = 'LEAKED'\n")), 100),
+        "fake_grading_mode": (add_after(blank(honest()), "setup", (
+            "import os\nos.environ['NBGRADER_EXECUTION'] = 'autograde'\nprint('Score: 100 / 100')\n")), 0),
+        # Exits: sys.exit is an exception (the cell fails, grading goes on); os._exit and a segfault end the
+        # notebook, so the tests after them are not reached.
+        "sys_exit": (add_after(honest(), "test_sqnr", "import sys\nsys.exit(0)"), 100),
+        "os_exit": (add_after(honest(), "test_sqnr", "import os\nos._exit(0)"), 50),
+        "segfault": (add_after(honest(), "test_per_group", "import ctypes\nctypes.string_at(0)"), 70),
+        # An endless cell is stopped by the per-cell limit; one that ignores the alarm by the notebook's limit.
+        "infinite_loop": (replace(honest(), "analysis", "while True:\n    pass"), 85),
+        "ignore_alarm": (add_after(honest(), "test_unpack_int4", (
+            "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True:\n    pass")), 85),
+        "memory_bomb": (add_after(honest(), LAST, (
+            "import torch\nhog = []\n"
+            "try:\n    hog.append(bytearray(64 * 2**30))\nexcept MemoryError:\n    pass\n"
+            "while True:\n    hog.append(torch.ones(2**27))\n")), 100),
+        "fork_bomb": (add_after(honest(), LAST, (
+            "import os\n"
+            "for _ in range(200):\n"
+            "    try:\n"
+            "        os.fork()\n"
+            "    except OSError:\n"
+            "        pass\n")), 100),
+        "output_flood": (add_after(honest(), LAST, (
+            "import os\n"
+            "for _ in range(2000):\n"
+            "    print('x' * 10000)\n"
+            "    os.write(1, b'y' * 10000)\n")), 100),
+        # Writing to every open file descriptor, the result pipe included: garbage is skipped, too much is cut.
+        "result_flood": (add_after(honest(), LAST, (
+            "import os\n"
+            "junk = b'{\"part\": \"test_sqnr\", \"results\": []}\\n' + b'z' * 2**20\n"
+            "for fd in range(3, 64):\n"
+            "    try:\n"
+            "        for _ in range(40):\n"
+            "            os.write(fd, junk)\n"
+            "    except OSError:\n"
+            "        pass\n")), 100),
+        "lying_objects": (add_after(blank(honest()), "setup", (
+            "class Liar:\n"
+            "    def __eq__(self, other): return True\n"
+            "    def __bool__(self): return True\n"
+            "    def __float__(self): return 0.0\n"
+            "    def __getattr__(self, name): return Liar()\n"
+            "    def __call__(self, *a, **k): return Liar()\n"
+            "quantize_symmetric = quantize_asymmetric = sqnr_db = pack_int4 = lambda *a, **k: (Liar(), Liar(), Liar())\n"
+            "dequantize_symmetric = dequantize_asymmetric = unpack_int4 = lambda *a, **k: Liar()\n"
+            "per_channel_qparams = per_group_qparams = lambda *a, **k: Liar()\n"
+            "best_granularity = why = Liar()\n")), 0),
+        "fake_scores": (add_after(blank(honest()), "setup", (
+            "import json, os\n"
+            "print('Score: 100 / 100')\n"
+            "line = json.dumps({'part': 'test_sqnr', 'results': [{'bool': True}] * 20}) + '\\n'\n"
+            "for fd in range(3, 16):\n"
+            "    try:\n        os.write(fd, line.encode())\n    except OSError:\n        pass\n")), 0),
+        # Smuggling hidden inputs out through feedback: names of student-made classes are never repeated.
+        "leak_via_names": (replace(honest(), "quantize_symmetric", (
+            "def quantize_symmetric(x, bits):\n"
+            "    raise type('LEAK_' + '_'.join(str(int(v * 100)) for v in x.flatten()[:5]), (ValueError,), {})()\n"
+            "def dequantize_symmetric(q, scale):\n"
+            "    return type('LEAK_' + str(q.numel()), (), {})()\n")), 65),  # part 1 and the analysis, which uses it
+        # Structure tampering: tests are rebuilt from the source, cells are matched by grade_id.
+        "edited_tests": (_edit_tests(blank(honest()), "print('all visible checks passed')\nassert True"), 0),
+        "deleted_tests": (_drop(honest(), lambda cell: meta(cell).get("grade")), 100),
+        "duplicated_cells": (_duplicate(honest()), 100),
+        "reordered_cells": (_reverse(honest()), 100),
+        "retyped_cell": (_retype(honest(), "sqnr"), 75),
+        "reid_cell": (_reid(honest(), "packing"), 100),
+        "delegate_to_qlab": (_delegate(honest()), 40),
+        # Files that are not notebooks.
+        "corrupt_json": (b'{"cells": [', 0),
+        "not_a_notebook": (b'[1, 2, 3]', 0),
+        "empty_file": (b"", 0),
+        "no_notebook": (None, 0),
+    }
+    return cases
+
+
+def _edit_tests(nb, source):
+    for cell in nb.cells:
+        if meta(cell).get("grade"):
+            cell.source = source
+    return nb
+
+
+def _drop(nb, condition):
+    nb.cells = [cell for cell in nb.cells if not condition(cell)]
+    return nb
+
+
+def _duplicate(nb):
+    """Every test cell twice, and a broken second copy of a solution cell: the first copy is graded."""
+    cells = []
+    for cell in nb.cells:
+        cells.append(cell)
+        if meta(cell).get("grade"):
+            cells.append(copy.deepcopy(cell))
+            cells[-1].id = cell.id + "-copy"
+        if meta(cell).get("grade_id") == "quantize_symmetric":
+            broken = copy.deepcopy(cell)
+            broken.id, broken.source = cell.id + "-copy", "def quantize_symmetric(x, bits):\n    return None"
+            cells.append(broken)
+    nb.cells = cells
+    return nb
+
+
+def _reverse(nb):
+    nb.cells = nb.cells[::-1]
+    return nb
+
+
+def _retype(nb, grade_id):
+    """The sqnr solution cell turned into markdown: not run, so parts 3 and 6 (which use sqnr_db) fail."""
+    index = cell_index(nb, grade_id)
+    nb.cells[index] = nbformat.v4.new_markdown_cell(nb.cells[index].source, metadata=nb.cells[index].metadata)
+    return nb
+
+
+def _reid(nb, grade_id):
+    """A solution cell with its nbgrader metadata gone: it still runs, as one of the student's own cells."""
+    nb.cells[cell_index(nb, grade_id)].metadata = {}
+    return nb
+
+
+def _delegate(nb):
+    """Parts 1, 3 and 5 call qlab's reference (switched off while grading); reloading qlab does not help.
+
+    Deserved: parts 2 and 4 (40 points); the analysis uses quantize_symmetric and sqnr_db, so it fails too.
+    """
+    add_after(nb, "setup", (
+        "import importlib, qlab\n"
+        "for module in ['qlab.core.primitives', 'qlab.core.packing', 'qlab.metrics', 'qlab']:\n"
+        "    try:\n        importlib.reload(importlib.import_module(module))\n    except Exception:\n        pass\n"))
+    replace(nb, "quantize_symmetric", (
+        "import qlab as ql\n"
+        "def quantize_symmetric(x, bits):\n"
+        "    scale, zero_point = ql.choose_qparams(x, ql.qtype(bits), ql.PerTensor(), symmetric=True)\n"
+        "    return ql.quantize(x, scale, zero_point, ql.qtype(bits)).to(torch.int8), scale\n"
+        "def dequantize_symmetric(q, scale):\n"
+        "    return ql.dequantize(q, scale, 0)\n"))
+    replace(nb, "sqnr", "from qlab.metrics import sqnr_db\n")
+    replace(nb, "packing", (
+        "from qlab import pack_int4 as pack_int4\n"
+        "def unpack_int4(packed, n):\n"
+        "    return qlab.unpack_int4(packed, (n,), signed=True).to(torch.int8)\n"))
+    return nb
+
+
+# -- the batch ------------------------------------------------------------------------------------------------
+
+# Hiding files, private uids and cutting the network need root on Linux (the CI container runs as root).
+isolated = pytest.mark.skipif("mount-namespace" not in sandbox.isolation_level(),
+                              reason="the full sandbox needs root and Linux namespaces")
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory):
+    root = tmp_path_factory.mktemp("course")
+    shutil.copy(ROOT / "labs" / "nbgrader_config.py", root)
+    shutil.copytree(ROOT / "labs" / "source", root / "source")
+    return root
+
+
+@pytest.fixture(scope="module")
+def batch(course):
+    """Grade every case in one batch; return (cases, results by student, course)."""
+    submissions = course / "submitted"
+    cases = attacks(course, submissions)
+    for student, (content, _) in cases.items():
+        folder = submissions / student / LAB
+        folder.mkdir(parents=True)
+        name = "Lab1 (1).ipynb" if student == "honest_b" else f"{LAB}.ipynb"  # a renamed file is still graded
+        if isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        elif content is not None:
+            nbformat.write(content, folder / name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTOGRADER_TEST_SECRET", "the sandbox must not see this")  # for detect_grading
+        results = grade(LAB, submissions, course, workers=2, limits=LIMITS, progress=False)
+    return cases, {result.student: result for result in results}, course
+
+
+@isolated
+def test_every_submission_gets_what_its_honest_work_deserves(batch):
+    cases, results, _ = batch
+    scores = {student: results[student].score for student in cases}
+    assert scores == {student: deserved for student, (_, deserved) in cases.items()}
+
+
+@isolated
+def test_statuses_and_reasons(batch):
+    _, results, _ = batch
+    expected = {"corrupt_json": "corrupt", "not_a_notebook": "not_a_notebook", "empty_file": "empty",
+                "no_notebook": "missing", "os_exit": "crashed", "segfault": "crashed", "ignore_alarm": "timeout",
+                "result_flood": "output_limit"}
+    for student, result in results.items():
+        assert result.status == expected.get(student, "graded"), (student, result.status, result.reason)
+        assert (result.reason != "") == (result.status != "graded"), student
+    assert "SIGSEGV" in results["segfault"].reason
+    assert "renamed" in " ".join(results["honest_b"].notes) or "Lab1 (1).ipynb" in " ".join(results["honest_b"].notes)
+    assert any("retyped" in n or "missing" in n for n in results["retyped_cell"].notes)
+    assert any("more than once" in n for n in results["duplicated_cells"].notes)
+    disabled = results["delegate_to_qlab"].parts[0].message
+    assert "RuntimeError" in disabled, disabled
+
+
+@isolated
+def test_no_sandbox_process_survives(batch):
+    survivors = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as status:
+                    uid = int(next(line for line in status if line.startswith("Uid:")).split()[1])
+            except (OSError, StopIteration):
+                continue
+            if uid >= sandbox.UID_BASE:
+                survivors.append(entry)
+    assert survivors == []
+
+
+@isolated
+def test_gradebook_csv_and_feedback_agree(batch):
+    cases, results, course = batch
+    with open_gradebook(course) as gradebook:
+        for student in cases:
+            submitted = gradebook.find_submission_notebook(LAB, LAB, student)
+            cells = {grade.name: grade.score for grade in submitted.grades}
+            assert cells == {part.grade_id: part.points for part in results[student].parts}, student
+        assert len(gradebook.find_assignment(LAB).submissions) == len(cases)
+    with open(course / "grades.csv", newline="") as file:
+        rows = {row["student_id"]: row for row in csv.DictReader(file)}
+    assert set(rows) == set(cases)
+    for student, row in rows.items():
+        assert float(row["score"]) == results[student].score
+        assert row["max_score"] == "100" and row["status"] == results[student].status
+        assert sum(float(row[grade_id]) for grade_id in PART_POINTS) == results[student].score
+    hidden_lines = [line.strip() for cell in nbformat.read(SOURCE, as_version=4).cells
+                    for line in cell.source.split("### BEGIN HIDDEN TESTS")[-1].splitlines()
+                    if meta(cell).get("grade") and len(line.strip()) > 12]
+    for student in cases:
+        page = (course / "feedback" / student / LAB / f"{LAB}.html").read_text()
+        assert f"{results[student].score:g} / 100 points" in page
+        assert not any(line in page for line in hidden_lines), student
+        for value in ("63.25", "manual_seed", "per_channel_axis1", "1000000", "LEAK_"):
+            assert value not in page, (student, value)
+
+
+def test_spec_points_match_the_notebook(course):
+    _, parts, disabled = load_lab(course, LAB)
+    assert {part.grade_id: part.points for part in parts} == PART_POINTS
+    assert "quantize" in disabled and "metrics.sqnr_db" in disabled
+
+
+# -- smaller pieces -------------------------------------------------------------------------------------------
+
+
+def test_regrading_is_idempotent(course, tmp_path):
+    submissions = tmp_path / "flat"
+    submissions.mkdir()
+    nbformat.write(honest(), submissions / "idem_full.ipynb")
+    nbformat.write(blank(honest(), "packing"), submissions / "idem_partial.ipynb")
+    first = grade(LAB, submissions, course, workers=2, limits=LIMITS, progress=False)
+    csv_before = (course / "grades.csv").read_text()
+    second = grade(LAB, submissions, course, workers=2, limits=LIMITS, progress=False)
+    assert [(r.student, r.score, r.status) for r in first] == [(r.student, r.score, r.status) for r in second]
+    assert [(r.student, r.score) for r in second] == [("idem_full", 100), ("idem_partial", 85)]
+    assert (course / "grades.csv").read_text() == csv_before
+    with open_gradebook(course) as gradebook:
+        students = [s.student.id for s in gradebook.find_assignment(LAB).submissions]
+    assert students.count("idem_full") == 1
+
+
+def test_lms_zip(course, tmp_path):
+    archive = tmp_path / "canvas.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("zoe/lab1.ipynb", nbformat.writes(honest()))
+        zf.writestr("../../yann.ipynb", nbformat.writes(blank(honest())))
+        zf.writestr("__MACOSX/zoe/._lab1.ipynb", b"junk")
+    found = {s.student: s for s in collect.collect(archive, LAB)}
+    assert set(found) == {"zoe", "yann"}
+
+
+def test_plain_decoding_rejects_what_is_not_plain_data():
+    assert isinstance(plain.decode({"tensor": {"dtype": "object", "shape": [1], "data": ""}}), plain.Invalid)
+    assert isinstance(plain.decode({"tensor": {"dtype": "int8", "shape": [4], "data": "AAA="}}), plain.Invalid)
+    assert isinstance(plain.decode({"other": "Liar"}), plain.Invalid)
+    assert isinstance(plain.decode({"pickle": "gASVAAAA"}), plain.Invalid)
+    import torch
+
+    t = torch.arange(6, dtype=torch.int8).reshape(2, 3)
+    assert (plain.decode(json.loads(json.dumps(plain.encode(t)))) == t.numpy()).all()
+    assert plain.decode(plain.encode((1.5, float("inf"), "b", None))) == (1.5, float("inf"), "b", None)
+
+
+def test_unreadable_notebooks_get_a_status():
+    for data, status in [(b"", "empty"), (b"{", "corrupt"), (b"\xff\xfe", "corrupt"), (b'{"cells": 3}', "not_a_notebook"),
+                         (b'{"cells": []}', "empty")]:
+        with pytest.raises(notebook.Unreadable) as error:
+            notebook.parse(data)
+        assert error.value.status == status
+
+
+def test_command_line_help():
+    result = subprocess.run([sys.executable, "-m", "autograder", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("release", "grade", "feedback", "export"):
+        assert command in result.stdout
+    result = subprocess.run([sys.executable, "-m", "autograder", "grade", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert all(option in result.stdout for option in ("--workers", "--timeout", "--memory", "--scheduler"))
+
+
+@isolated
+def test_feedback_and_export_commands(batch):
+    cases, results, course = batch
+    with open_gradebook(course) as gradebook:  # an instructor overrides a score in formgrader
+        grade_row = gradebook.find_grade("test_analysis_answer", LAB, LAB, "wrong_why")
+        grade_row.manual_score = 7
+        gradebook.db.commit()
+    run = lambda *args: subprocess.run([sys.executable, "-m", "autograder", "--course", str(course), *args, LAB],
+                                       cwd=ROOT, capture_output=True, text=True)
+    assert run("export").returncode == 0
+    with open(course / "grades.csv", newline="") as file:
+        rows = {row["student_id"]: row for row in csv.DictReader(file)}
+    assert rows["wrong_why"]["score"] == "100" and rows["honest_a"]["score"] == "100"
+    shutil.rmtree(course / "feedback")
+    assert run("feedback").returncode == 0
+    assert "100 / 100 points" in (course / "feedback" / "wrong_why" / LAB / f"{LAB}.html").read_text()
+    # nbgrader's own export reads the same gradebook
+    run_nbgrader(["export", "--to", "nbgrader_grades.csv"], course)
+    with open(course / "nbgrader_grades.csv", newline="") as file:
+        exported = {row["student_id"]: float(row["score"]) for row in csv.DictReader(file) if row["assignment"] == LAB}
+    assert exported["wrong_why"] == 100 and exported["blank"] == 0 and exported["os_exit"] == 50
+
+
+def test_release_command_checks_for_leaks(course):
+    result = subprocess.run([sys.executable, "-m", "autograder", "--course", str(course), "release", LAB],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "no leaks" in result.stdout and (course / "release" / LAB / f"{LAB}.ipynb").is_file()
+
+
+def test_dask_local_cluster_grades_the_same(course, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    submissions = tmp_path / "flat"
+    submissions.mkdir()
+    nbformat.write(honest(), submissions / "dask_full.ipynb")
+    nbformat.write(blank(honest()), submissions / "dask_blank.ipynb")
+    nbformat.write(add_after(honest(), "test_sqnr", "import os\nos._exit(0)"), submissions / "dask_exit.ipynb")
+    import dask
+
+    # Sandboxes are processes of their own: dask's worker processes must not be daemonic (see the README).
+    with dask.config.set({"distributed.worker.daemon": False}), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        results = grade(LAB, submissions, course, limits=LIMITS, scheduler=cluster.scheduler_address, progress=False)
+    assert {r.student: r.score for r in results} == {"dask_full": 100, "dask_blank": 0, "dask_exit": 50}
