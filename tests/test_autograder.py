@@ -501,3 +501,27 @@ def test_dask_local_cluster_grades_the_same(course, tmp_path):
             distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         results = grade(LAB, submissions, course, limits=LIMITS, scheduler=cluster.scheduler_address, progress=False)
     assert {r.student: r.score for r in results} == {"dask_full": 100, "dask_blank": 0, "dask_exit": 50}
+
+
+# -- labs 2 and 3 ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lab", ["lab2", "lab3"])
+def test_later_labs_grade_solution_full_and_blank_zero(lab, tmp_path):
+    """The hardened grader agrees with nbgrader on labs 2 and 3: the solution earns 100, a blank copy 0."""
+    course = tmp_path / "course"
+    course.mkdir()
+    shutil.copy(ROOT / "labs" / "nbgrader_config.py", course)
+    shutil.copytree(ROOT / "labs" / "source" / lab, course / "source" / lab)
+    solution = nbformat.read(ROOT / "labs" / "source" / lab / f"{lab}.ipynb", as_version=4)
+    blank = copy.deepcopy(solution)
+    for cell in blank.cells:
+        if meta(cell).get("solution") and cell.cell_type == "code":
+            cell.source = "# YOUR CODE HERE\nraise NotImplementedError()"
+    submissions = tmp_path / "submitted"
+    for student, nb in (("solver", solution), ("blank", blank)):
+        (submissions / student / lab).mkdir(parents=True)
+        nbformat.write(nb, submissions / student / lab / f"{lab}.ipynb")
+    results = {r.student: r for r in grade(lab, submissions, course, workers=2, progress=False)}
+    assert results["solver"].score == results["solver"].max_score == 100, results["solver"]
+    assert results["blank"].score == 0, results["blank"]
