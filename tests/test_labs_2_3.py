@@ -1,5 +1,6 @@
-"""Lab 2 (calibration and static W8A8 PTQ of the digits CNN): the nbgrader source is valid, its release leaks
-nothing, the solution earns full marks under real `nbgrader autograde`, and the blank release earns nothing.
+"""Labs 2 (calibration and static W8A8 PTQ of the digits CNN) and 3 (quantization-aware training: STE, LSQ,
+4-bit QAT of the digits CNN): each nbgrader source is valid, its release leaks nothing, the solution earns
+full marks under real `nbgrader autograde`, and the blank release earns nothing.
 
 Releases and grading run in a copy of labs/ under pytest's tmp_path, so the repository stays clean.
 """
@@ -23,14 +24,17 @@ from lab_helpers import (
 )
 from labs.release import check_release
 
-LAB = "lab2"
-SOURCE = source_path(LAB)
 TOTAL_POINTS = 100
 
 
+@pytest.fixture(scope="module", params=["lab2", "lab3"])
+def lab(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def source_nb():
-    return nbformat.read(SOURCE, as_version=4)
+def source_nb(lab):
+    return nbformat.read(source_path(lab), as_version=4)
 
 
 def test_source_is_valid_nbgrader(source_nb):
@@ -54,20 +58,20 @@ def test_setup_limits_torch_threads(source_nb):
 
 
 @pytest.fixture(scope="module")
-def course(tmp_path_factory):
-    return make_course(tmp_path_factory, LAB)
+def course(tmp_path_factory, lab):
+    return make_course(tmp_path_factory, lab)
 
 
 @pytest.mark.slow
-def test_release_has_no_leaks(course, source_nb):
-    assert check_release(LAB, root=course) == []
-    check_release_stubs(course, LAB, source_nb)
+def test_release_has_no_leaks(course, lab, source_nb):
+    assert check_release(lab, root=course) == []
+    check_release_stubs(course, lab, source_nb)
 
 
 @pytest.fixture(scope="module")
-def grades(course):
+def grades(course, lab):
     """One autograde run: the source notebook (solutions and hidden tests) and the blank release."""
-    return autograde(course, LAB, {"solution": nbformat.read(SOURCE, as_version=4), "blank": release_notebook(course, LAB)})
+    return autograde(course, lab, {"solution": nbformat.read(source_path(lab), as_version=4), "blank": release_notebook(course, lab)})
 
 
 @pytest.mark.slow
