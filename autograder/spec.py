@@ -42,6 +42,18 @@ class Call:
     read: bool = False
 
 
+def labels(prefix: str):
+    """'hidden check 1', 'hidden check 2', ...: names that reveal nothing about the inputs."""
+    count = 0
+
+    def label():
+        nonlocal count
+        count += 1
+        return f"{prefix} {count}"
+
+    return label
+
+
 def call(name: str, *args, **kwargs) -> Call:
     return Call(name, args, kwargs)
 

@@ -12,7 +12,7 @@ import math
 import torch
 
 import qlab as ql
-from autograder.spec import Check, Fail, Part, call, close, expect, number, read, returned, tensor
+from autograder.spec import Check, Fail, Part, call, close, expect, labels, number, read, returned, tensor
 
 DISABLED = ("choose_qparams", "quantize", "dequantize", "fake_quantize", "quantize_tensor", "pack_int4",
             "unpack_int4", "metrics.sqnr_db")
@@ -23,18 +23,6 @@ def codes_match(q: torch.Tensor, ref_q: torch.Tensor, x_over_scale: torch.Tensor
     diff = (q.to(torch.int32) - ref_q.to(torch.int32)).abs()
     near_tie = ((x_over_scale.abs() % 1) - 0.5).abs() < 1e-3
     return bool((diff == 0).all()) or (bool((diff <= 1).all()) and bool((near_tie | (diff == 0)).all()))
-
-
-def labels(prefix: str):
-    """'hidden check 1', 'hidden check 2', ...: names that reveal nothing about the inputs."""
-    count = 0
-
-    def label():
-        nonlocal count
-        count += 1
-        return f"{prefix} {count}"
-
-    return label
 
 
 # -- Parts 1 and 2: quantize / dequantize ----------------------------------------------------------------

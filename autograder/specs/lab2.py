@@ -10,14 +10,13 @@ The judges compute every expected value here, in the grading process, with qlab'
 from __future__ import annotations
 
 import copy
-import math
 from functools import cache
 
 import torch
 import torch.nn as nn
 
 import qlab as ql
-from autograder.spec import Check, Part, call, close, expect, number, read, returned, tensor
+from autograder.spec import Check, Part, call, close, expect, labels, number, read, returned, tensor
 from qlab.bn_folding import fold_batchnorm_
 from qlab.nn import QuantConv2d, QuantLinear
 from qlab.observers import HistogramObserver, MinMaxObserver, PercentileObserver, entropy_threshold_bin, qparams_from_range
@@ -27,18 +26,6 @@ DISABLED = ("observers.percentile", "observers.kl_divergence", "observers.entrop
             "observers.qparams_from_range")
 METHODS = ("minmax", "percentile", "entropy")
 LAYERS = ("conv1", "conv2", "conv3", "fc")
-
-
-def labels(prefix: str):
-    """'hidden check 1', 'hidden check 2', ...: names that reveal nothing about the inputs."""
-    count = 0
-
-    def label():
-        nonlocal count
-        count += 1
-        return f"{prefix} {count}"
-
-    return label
 
 
 # -- the notebook's locked setup, rebuilt here --------------------------------------------------------------

@@ -18,27 +18,14 @@ import torch
 import torch.nn as nn
 
 import qlab as ql
-from autograder.spec import Check, Part, call, close, expect, number, read, returned, tensor
+from autograder.spec import Check, Part, call, close, expect, labels, read, returned, tensor
 from qlab.bn_folding import fold_batchnorm_
 from qlab.qat import LSQFakeQuantize
-from qlab.qat import lsq_grad_scale as ql_lsq_grad_scale
 
 DISABLED = ("qat.fake_quantize_ste", "qat.FakeQuantizeSTE.forward", "qat.FakeQuantizeSTE.backward",
             "qat.LSQFakeQuantize.forward", "qat.LSQFakeQuantize.backward", "qat.lsq_grad_scale", "qat.lsq_init_scale")
 LAYERS = ("conv1", "conv2", "conv3", "fc")
 BITS = 4  # the graded QAT model's weights and activations
-
-
-def labels(prefix: str):
-    """'hidden check 1', 'hidden check 2', ...: names that reveal nothing about the inputs."""
-    count = 0
-
-    def label():
-        nonlocal count
-        count += 1
-        return f"{prefix} {count}"
-
-    return label
 
 
 @cache
