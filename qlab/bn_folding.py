@@ -57,18 +57,24 @@ def fold_bn(
     return w, b
 
 
+def traced_graph(model: nn.Module, explicit_call: str) -> torch.fx.Graph:
+    """The torch.fx graph of `model`; if it cannot be traced, a ValueError naming `explicit_call`,
+    the way to pass the layer pairs by hand instead."""
+    try:
+        return torch.fx.symbolic_trace(model).graph
+    except Exception as err:  # fx raises many types for untraceable Python control flow
+        raise ValueError(
+            f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); "
+            f"pass the pairs explicitly, e.g. {explicit_call}"
+        ) from err
+
+
 def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(layer name, BatchNorm name) for every conv/linear whose only consumer is a BatchNorm, in forward order.
 
     Found by tracing the forward pass with torch.fx, so attribute names and nesting do not matter.
     """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as err:  # fx raises many types for untraceable Python control flow
-        raise ValueError(
-            f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); "
-            f"pass the pairs explicitly, e.g. fold_batchnorm_(model, [('conv1', 'bn1'), ...])"
-        ) from err
+    graph = traced_graph(model, "fold_batchnorm_(model, [('conv1', 'bn1'), ...])")
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:

@@ -25,6 +25,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bn_folding import traced_graph
+
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # ops f with f(x / s) = f(x) / s for a positive per-channel s: CLE may look through them
 EQUIVARIANT_MODULES = (
@@ -89,13 +91,7 @@ def find_equalization_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
     Traced with torch.fx; every tensor on the path must have exactly one consumer (no residual branch).
     """
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as err:  # fx raises many types for untraceable Python control flow
-        raise ValueError(
-            f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); "
-            f"pass the pairs explicitly, e.g. equalize_(model, [('conv1', 'conv2'), ...])"
-        ) from err
+    graph = traced_graph(model, "equalize_(model, [('conv1', 'conv2'), ...])")
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
