@@ -29,12 +29,15 @@ from .api import (
     Int8DynamicConfig,
     Int8StaticConfig,
     Int8WeightOnlyConfig,
+    QuantConfig,
     quantize_,
+    register_handler,
+    swap_modules,
 )
 from .bias_correction import bias_correction_
 from .bn_folding import fold_batchnorm_
 from .cle import equalize_
-from .nn import Int4WeightOnlyLinear, Int8WeightOnlyLinear, QuantConv2d, QuantLinear
+from .nn import Int4WeightOnlyLinear, Int8WeightOnlyLinear, QuantConv2d, QuantLinear, WeightOnlyLinear
 from .observers import (
     HistogramObserver,
     MinMaxObserver,
@@ -59,6 +62,7 @@ from .core import (
     int4,
     int8,
     pack_int4,
+    pack,
     packed_nbytes,
     qparam_shape,
     qtype,
@@ -66,8 +70,10 @@ from .core import (
     quantize_tensor,
     uint4,
     uint8,
+    unpack,
     unpack_int4,
 )
+from .core.qtensor import from_codes
 from .formats import FORMATS, nf4_codebook, representable_values, round_to_format, spacing
 
 __version__ = "0.1.0"
@@ -85,15 +91,15 @@ __all__ = [
     "PerTensor", "PerChannel", "PerGroup", "PerToken", "qparam_shape",
     "choose_qparams", "quantize", "dequantize", "fake_quantize",
     "QTensor", "quantize_tensor",
-    "pack_int4", "unpack_int4", "packed_nbytes",
+    "pack", "unpack", "pack_int4", "unpack_int4", "packed_nbytes", "from_codes",
     "FORMATS", "round_to_format", "nf4_codebook", "representable_values", "spacing",
     "metrics", "data", "eval", "models", "viz",
     "observers", "calibration", "bn_folding", "cle", "bias_correction", "sensitivity", "api", "nn", "qat", "kernels",
     "MinMaxObserver", "MovingAverageMinMaxObserver", "PercentileObserver", "HistogramObserver", "MSEObserver",
     "qparams_from_range", "fold_batchnorm_", "equalize_", "bias_correction_", "layer_sensitivity",
     "assign_mixed_precision",
-    "quantize_", "Int8DynamicConfig", "Int8StaticConfig", "Int8WeightOnlyConfig", "Int4WeightOnlyConfig",
-    "FakeQuantConfig", "QuantLinear", "QuantConv2d", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear",
+    "quantize_", "QuantConfig", "register_handler", "swap_modules", "Int8DynamicConfig", "Int8StaticConfig", "Int8WeightOnlyConfig", "Int4WeightOnlyConfig",
+    "FakeQuantConfig", "QuantLinear", "QuantConv2d", "WeightOnlyLinear", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear",
     "fake_quantize_ste", "LSQFakeQuantize", "FakeQuantize", "FakeQuantLinear", "FakeQuantConv2d",
     "qat_schedule_", "convert_",
 ]

@@ -6,18 +6,23 @@ https://arxiv.org/abs/1712.05877). With x ~ s_x (x_q - z_x) and W ~ s_w w_q (sym
     y[m, n] = s_x[m] * s_w[n] * sum_k (x_q[m, k] - z_x[m]) * w_q[n, k]  +  b[n]
             = s_x[m] * s_w[n] * (acc[m, n] - z_x[m] * rowsum(w_q)[n])   +  b[n],   acc = x_q @ w_q^T  (int32)
 
-so the whole reduction over k runs on int8 codes with an int32 accumulator (`ql.kernels.int_mm`), and the
-floats only enter once per output element. The zero-point term needs one row sum of the weight codes;
-symmetric activations (z_x = 0, the default) skip it. Unsigned 8-bit codes (uint8, [0, 255]) do not fit
-int8, so they are shifted by 128 first and the shift is folded into the zero point:
-(x_q - z_x) = ((x_q - 128) - (z_x - 128)).
+so the whole reduction over k runs on int8 codes with an int32 accumulator, and the floats only enter once
+per output element (`ql.kernels`: op "linear_w8a8", on fbgemm, torch._int_mm or the exact reference).
 
-    QuantLinear         W8A8 linear: activation scales per token at run time (dynamic) or from calibration (static)
-    QuantConv2d         the same GEMM on im2col patches (F.unfold): one row per output pixel
-    Int8WeightOnlyLinear   int8 weights, float activations: x @ (s_w * w_q)^T
-    Int4WeightOnlyLinear   group-wise 4-bit weights, bit-packed, float activations
+    QuantLinear            W8A8 linear: activation scales per token at run time (dynamic) or from calibration (static)
+    QuantConv2d            the same GEMM on im2col patches: one row per output pixel
+    WeightOnlyLinear       codes of any width and granularity, float activations: x @ dequantize(W)^T
+    Int8WeightOnlyLinear   int8 weights, one scale per output channel
+    Int4WeightOnlyLinear   group-wise 4-bit weights, bit-packed
 
-Build them with `from_float(module, ...)` or, for a whole model, with `ql.quantize_(model, config)`.
+One constructor convention: every module is built from a QTensor of weight codes, `Module(qt, bias, ...)`
+or `Module.from_qtensor(qt, bias, ...)`, so an algorithm (GPTQ, AWQ, a checkpoint reader) can hand it the
+codes it chose; `from_float(module, ...)` is `from_qtensor(ql.quantize_tensor(module.weight, ...))`.
+
+What a module saves (`state_dict`) is the canonical layout only: codes (packed in qlab's order for < 8 bits),
+scale, zero point, bias and static activation qparams. A kernel's own layout (fbgemm's prepacked weight,
+the tinygemm int4 layout) is derived on first use per device and kept in a KernelCache that is never
+saved, so a checkpoint loads the same on any machine and any kernel.
 """
 
 from __future__ import annotations
@@ -27,44 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .core.granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, expand
-from .core.packing import pack_int4
-from .core.primitives import choose_qparams, dequantize, quantize
-from .core.qtypes import QType, int4, int8, uint4, uint8
+from .core.granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken
+from .core.primitives import quantize
+from .core.qtensor import QTensor, from_codes, quantize_tensor
+from .core.qtypes import QType, int4, int8, qtype, uint4, uint8
+from .kernels import ActQuant, KernelCache
 
 WEIGHT_GRANULARITIES = (PerChannel(0), PerTensor())
-
-
-# ----------------------------------------------------------------------------- the math, as tensor functions
-def int8_codes(q: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of any qtype up to 8 bits as int8 (what the GEMM takes), with the zero point shifted to match.
-
-    Unsigned codes (uint8 [0, 255], uint4 [0, 15]) are shifted by -128 and so is the zero point; the
-    difference (q - zero_point), which is all the GEMM needs, is unchanged. Signed codes already fit.
-    """
-    if q.dtype == torch.uint8:  # unsigned codes: shift [0, 255] down to [-128, 127]
-        return (q.to(torch.int16) - 128).to(torch.int8), zero_point - 128
-    return q.to(torch.int8), zero_point
-
-
-def int8_gemm(x_q: torch.Tensor, x_zero_point: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    """Exact integer part of a quantized linear layer: sum_k (x_q[..., k] - z_x) * w_q[n, k], as int32.
-
-    Shapes: x_q (..., K) int8, x_zero_point () or (..., 1) int32, w_q (N, K) int8 -> (..., N) int32.
-    """
-    acc = kernels.int_mm(x_q.reshape(-1, x_q.shape[-1]), w_q.t())  # (M, N) = x_q @ w_q^T
-    acc = acc.reshape(*x_q.shape[:-1], w_q.shape[0])  # (..., N)
-    if bool((x_zero_point != 0).any()):
-        acc = acc - x_zero_point * w_q.sum(dim=1, dtype=torch.int32)  # (..., 1) * (N,): the zero-point term
-    return acc
-
-
-def rescale(
-    acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
-) -> torch.Tensor:
-    """Back to real numbers: y = s_x * s_w * acc + b.  Shapes: acc (..., N), x_scale () or (..., 1), w_scale () or (N,)."""
-    y = acc.float() * x_scale * w_scale
-    return (y if bias is None else y + bias).to(dtype)
 
 
 def static_qparams(act_qparams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,49 +59,70 @@ def static_qparams(act_qparams) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.reshape(()).float(), zero_point.reshape(()).to(torch.int32)
 
 
+def act_qtype_for(act_qtype: QType | None, act_symmetric: bool | None) -> QType:
+    """The activation code type from act_qtype and/or act_symmetric (signed codes are the symmetric ones)."""
+    if act_qtype is None:
+        return int8 if act_symmetric in (None, True) else uint8
+    if act_symmetric is not None and act_symmetric != act_qtype.signed:
+        raise ValueError(
+            f"act_symmetric={act_symmetric} contradicts act_qtype={act_qtype!r}: symmetric activations use signed "
+            f"codes (ql.int8), asymmetric ones unsigned codes with a zero point (ql.uint8); pass one of the two"
+        )
+    return act_qtype
+
+
 def _check_weight_granularity(granularity: Granularity) -> None:
     if granularity not in WEIGHT_GRANULARITIES:
         raise ValueError(
-            f"granularity_w={granularity} does not fit an integer GEMM: each output needs ONE weight scale to "
-            "multiply after the sum over k, so use ql.PerChannel(0) or ql.PerTensor(). For group-wise weights "
+            f"weight_granularity={granularity} does not fit an integer GEMM: each output needs ONE weight scale "
+            "to multiply after the sum over k, so use ql.PerChannel(0) or ql.PerTensor(). For group-wise weights "
             "use Int4WeightOnlyConfig(group_size=...), which dequantizes before the matmul"
         )
 
 
-def _check_weight_qtype(qtype: QType) -> None:
-    if not qtype.signed or qtype.bits > 8:
-        raise ValueError(f"weight_qtype must be a signed type of at most 8 bits (ql.int8, ql.int4, ...), got {qtype!r}")
+def _check_qtensor(weight, what: str) -> None:
+    if not isinstance(weight, QTensor):
+        raise ValueError(
+            f"{what} is built from a QTensor of weight codes (ql.quantize_tensor(w, ...)), got {type(weight).__name__}; "
+            f"to quantize a float layer use {what}.from_float(layer)"
+        )
+
+
+class _CachedKernels(nn.Module):
+    """Holds the KernelCache and drops it whenever the canonical buffers are replaced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kernel_cache = KernelCache()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._kernel_cache.clear()
+
+    def _apply(self, fn, recurse=True):
+        self._kernel_cache.clear()
+        return super()._apply(fn, recurse)
 
 
 # ----------------------------------------------------------------------------- W8A8 modules
-class _IntegerGEMM(nn.Module):
-    """What QuantLinear and QuantConv2d share: integer weights, and the rule that quantizes the input."""
+class _IntegerGEMM(_CachedKernels):
+    """What QuantLinear and QuantConv2d share: int8 weight codes, and the rule that quantizes the input."""
 
-    def _init_quant(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        weight_qtype: QType,
-        granularity_w: Granularity,
-        act_qtype: QType,
-        act_granularity: Granularity,
-        act_qparams,
-        weight_qparams: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> None:
-        _check_weight_granularity(granularity_w)
-        _check_weight_qtype(weight_qtype)
-        if act_qtype.bits > 8:
-            raise ValueError(f"act_qtype must have at most 8 bits, got {act_qtype!r}")
-        w = weight.detach().float().reshape(weight.shape[0], -1)  # (N, K): a conv kernel flattened to C*kh*kw
-        if weight_qparams is None:
-            weight_qparams = choose_qparams(w, weight_qtype, granularity_w, symmetric=True)
-        scale, zero_point = weight_qparams
-        if bool((torch.as_tensor(zero_point) != 0).any()):
+    def _init_quant(self, weight: QTensor, bias, act_qtype: QType, act_granularity: Granularity, act_qparams) -> None:
+        _check_weight_granularity(weight.granularity)
+        if not weight.qtype.signed or weight.qtype.bits > 8:
+            raise ValueError(f"weight_qtype must be a signed type of at most 8 bits (ql.int8, ql.int4, ...), "
+                             f"got {weight.qtype!r}")
+        if bool((weight.zero_point != 0).any()):
             raise ValueError("integer GEMM weights must be symmetric (zero_point = 0); an asymmetric weight adds a "
                              "term per activation row. Quantize the weight with symmetric=True")
-        self.weight_qtype, self.granularity_w, self.act_qtype = weight_qtype, granularity_w, act_qtype
-        self.register_buffer("weight_q", quantize(w, scale, 0, weight_qtype, granularity_w).to(torch.int8))  # (N, K)
-        self.register_buffer("weight_scale", scale.float().reshape(-1) if scale.dim() else scale.float())  # (N,) or ()
+        if act_qtype.bits > 8:
+            raise ValueError(f"act_qtype must have at most 8 bits, got {act_qtype!r}")
+        codes = weight.int_repr().reshape(weight.shape[0], -1).to(torch.int8)  # (N, K): a conv kernel flattened
+        self.weight_qtype, self.weight_granularity, self.act_qtype = weight.qtype, weight.granularity, act_qtype
+        self.register_buffer("weight_q", codes.contiguous())
+        scale = weight.scale_values().float()
+        self.register_buffer("weight_scale", scale.reshape(-1) if scale.dim() else scale)  # (N,) or ()
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())  # (N,)
         if act_qparams is None:  # dynamic: qparams from each input
             if act_granularity not in (PerToken(), PerTensor()):
@@ -152,15 +147,22 @@ class _IntegerGEMM(nn.Module):
     def act_symmetric(self) -> bool:
         return self.act_qtype.signed
 
-    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """int8 codes of x (..., K) and their scale and zero point, shaped to broadcast: () or (..., 1)."""
-        if self.static:
-            scale, zero_point = self.act_scale, self.act_zero_point
-        else:
-            scale, zero_point = choose_qparams(x, self.act_qtype, self.act_granularity, self.act_symmetric)
-        q = quantize(x, scale, zero_point, self.act_qtype, self.act_granularity)  # (..., K)
-        q, zero_point = int8_codes(q, zero_point)
-        return q, expand(scale, x[..., :1], self.act_granularity), expand(zero_point, x[..., :1], self.act_granularity)
+    @property
+    def act(self) -> ActQuant:
+        """How the input is quantized, as the kernels take it."""
+        return ActQuant(self.act_qtype, self.act_granularity, self.act_scale, self.act_zero_point)
+
+    def qweight(self) -> QTensor:
+        """The weight codes and scales as a QTensor ((N, K); a conv kernel flattened to C*kh*kw)."""
+        return from_codes(self.weight_q, self.weight_scale, None, self.weight_qtype, self.weight_granularity, True)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """s_x s_w (x_q - z_x) w_q^T + b for x (..., K) -> (..., N) in x's dtype, on the registry's kernel."""
+        x2 = x.reshape(-1, x.shape[-1]).float()  # (M, K)
+        y = kernels.call("linear_w8a8", x2, self.weight_q, self.weight_scale, self.act, self._kernel_cache)  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     def dequantize_weight(self) -> torch.Tensor:
         """The real weight the codes stand for, (N, K) float32."""
@@ -168,62 +170,81 @@ class _IntegerGEMM(nn.Module):
 
     def _quant_repr(self) -> str:
         acts = f"static {self.act_qtype!r}" if self.static else f"dynamic {self.act_qtype!r} {self.act_granularity}"
-        return f"weight={self.weight_qtype!r} {self.granularity_w}, act={acts}"
+        return f"weight={self.weight_qtype!r} {self.weight_granularity}, act={acts}"
+
+
+def _weight_qtensor(weight: torch.Tensor, weight_qtype: QType, weight_granularity: Granularity,
+                    weight_qparams: tuple[torch.Tensor, torch.Tensor] | None) -> QTensor:
+    """Symmetric codes of a float weight (N, ...) with the given or freshly chosen per-channel/tensor qparams."""
+    _check_weight_granularity(weight_granularity)
+    w = weight.detach().float()
+    if weight_qparams is None:
+        return quantize_tensor(w, weight_qtype, weight_granularity, symmetric=True)
+    scale, zero_point = (torch.as_tensor(t) for t in weight_qparams)
+    if bool((zero_point != 0).any()):
+        raise ValueError("integer GEMM weights must be symmetric (zero_point = 0); an asymmetric weight adds a "
+                         "term per activation row. Quantize the weight with symmetric=True")
+    q = quantize(w, scale, 0, weight_qtype, weight_granularity, symmetric=True)
+    return from_codes(q, scale.float(), None, weight_qtype, weight_granularity, True)
 
 
 class QuantLinear(_IntegerGEMM):
     """Linear layer computed as int8 x int8 -> int32 (W8A8), then rescaled to float.
 
     Buffers: weight_q (N, K) int8, weight_scale (N,) or (), bias (N,) float32, and for static
-    activations act_scale, act_zero_point (). Build with `QuantLinear.from_float(linear, ...)`.
+    activations act_scale, act_zero_point (). Build with `QuantLinear(qt, bias, ...)` from weight codes
+    or `QuantLinear.from_float(linear, ...)`.
     """
 
     def __init__(
         self,
-        weight: torch.Tensor,
+        weight: QTensor,
         bias: torch.Tensor | None = None,
         *,
-        weight_qtype: QType = int8,
-        granularity_w: Granularity = PerChannel(0),
         act_qtype: QType = int8,
         act_granularity: Granularity = PerToken(),
         act_qparams=None,
-        weight_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        if weight.dim() != 2:
+        _check_qtensor(weight, "QuantLinear")
+        if len(weight.shape) != 2:
             raise ValueError(f"QuantLinear needs a (out_features, in_features) weight, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
-        self._init_quant(weight, bias, weight_qtype, granularity_w, act_qtype, act_granularity, act_qparams, weight_qparams)
+        self._init_quant(weight, bias, act_qtype, act_granularity, act_qparams)
+
+    @classmethod
+    def from_qtensor(cls, qt: QTensor, bias: torch.Tensor | None = None, **act) -> QuantLinear:
+        return cls(qt, bias, **act)
 
     @classmethod
     def from_float(
         cls,
         linear: nn.Linear,
         *,
-        granularity_w: Granularity = PerChannel(0),
-        act_granularity: Granularity | None = None,
-        act_symmetric: bool = True,
-        act_qparams=None,
         weight_qtype: QType = int8,
+        weight_granularity: Granularity = PerChannel(0),
         act_qtype: QType | None = None,
+        act_symmetric: bool | None = None,
+        act_granularity: Granularity | None = None,
+        act_qparams=None,
         weight_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> QuantLinear:
         """Quantize an nn.Linear. act_qparams=None: dynamic (per token by default); a (scale, zero_point)
-        pair or an observer: static, per tensor. Activations are int8 if act_symmetric else uint8."""
-        act_qtype = act_qtype or (int8 if act_symmetric else uint8)
+        pair or an observer: static, per tensor. Activations are int8 if symmetric (the default), else uint8."""
+        qt = _weight_qtensor(linear.weight, weight_qtype, weight_granularity, weight_qparams)
         act_granularity = act_granularity or (PerToken() if act_qparams is None else PerTensor())
-        return cls(linear.weight, linear.bias, weight_qtype=weight_qtype, granularity_w=granularity_w,
-                   act_qtype=act_qtype, act_granularity=act_granularity, act_qparams=act_qparams,
-                   weight_qparams=weight_qparams)
+        return cls(qt, linear.bias, act_qtype=act_qtype_for(act_qtype, act_symmetric),
+                   act_granularity=act_granularity, act_qparams=act_qparams)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q, x_scale, x_zero_point = self.quantize_input(x)  # (..., K) int8 codes; qparams () or (..., 1)
-        acc = int8_gemm(x_q, x_zero_point, self.weight_q)  # (..., N) int32 = sum_k (x_q - z_x) w_q
-        return rescale(acc, x_scale, self.weight_scale, self.bias, x.dtype)  # s_x s_w acc + b
+        return self.matmul(x)  # quantize x, integer GEMM, rescale, + bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._quant_repr()}"
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 class QuantConv2d(_IntegerGEMM):
@@ -235,42 +256,54 @@ class QuantConv2d(_IntegerGEMM):
 
     def __init__(
         self,
-        conv: nn.Conv2d,
+        weight: QTensor,
+        bias: torch.Tensor | None = None,
+        stride=1,
+        padding=0,
+        dilation=1,
         *,
-        weight_qtype: QType = int8,
-        granularity_w: Granularity = PerChannel(0),
         act_qtype: QType = int8,
         act_granularity: Granularity = PerTensor(),
         act_qparams=None,
-        weight_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(
-                f"QuantConv2d supports groups=1, padding_mode='zeros' and numeric padding (got groups={conv.groups}, "
-                f"padding_mode={conv.padding_mode!r}, padding={conv.padding!r}); exclude this layer from quantize_"
-            )
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.padding, self.dilation = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-        self._init_quant(conv.weight, conv.bias, weight_qtype, granularity_w, act_qtype, act_granularity, act_qparams, weight_qparams)
+        _check_qtensor(weight, "QuantConv2d")
+        if len(weight.shape) != 4 or isinstance(padding, str):
+            raise ValueError(f"QuantConv2d needs an (O, C, kh, kw) weight and numeric padding, got shape "
+                             f"{tuple(weight.shape)}, padding={padding!r}")
+        self.out_channels, self.in_channels = weight.shape[:2]
+        self.kernel_size = tuple(weight.shape[2:])
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self._init_quant(weight, bias, act_qtype, act_granularity, act_qparams)
+
+    @classmethod
+    def from_qtensor(cls, qt: QTensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
+                     **act) -> QuantConv2d:
+        return cls(qt, bias, stride, padding, dilation, **act)
 
     @classmethod
     def from_float(
         cls,
         conv: nn.Conv2d,
         *,
-        granularity_w: Granularity = PerChannel(0),
-        act_granularity: Granularity = PerTensor(),
-        act_symmetric: bool = True,
-        act_qparams=None,
         weight_qtype: QType = int8,
+        weight_granularity: Granularity = PerChannel(0),
         act_qtype: QType | None = None,
+        act_symmetric: bool | None = None,
+        act_granularity: Granularity = PerTensor(),
+        act_qparams=None,
         weight_qparams: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> QuantConv2d:
         """Quantize an nn.Conv2d (same arguments as QuantLinear.from_float; activations per tensor by default)."""
-        act_qtype = act_qtype or (int8 if act_symmetric else uint8)
-        return cls(conv, weight_qtype=weight_qtype, granularity_w=granularity_w, act_qtype=act_qtype,
-                   act_granularity=act_granularity, act_qparams=act_qparams, weight_qparams=weight_qparams)
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(
+                f"QuantConv2d supports groups=1, padding_mode='zeros' and numeric padding (got groups={conv.groups}, "
+                f"padding_mode={conv.padding_mode!r}, padding={conv.padding!r}); exclude this layer from quantize_"
+            )
+        qt = _weight_qtensor(conv.weight, weight_qtype, weight_granularity, weight_qparams)
+        return cls(qt, conv.bias, conv.stride, conv.padding, conv.dilation,
+                   act_qtype=act_qtype_for(act_qtype, act_symmetric), act_granularity=act_granularity,
+                   act_qparams=act_qparams)
 
     def im2col(self, x: torch.Tensor) -> torch.Tensor:
         """Patches (B, L, C*kh*kw): row l holds the inputs that output pixel l sees (same as F.unfold, transposed).
@@ -292,9 +325,7 @@ class QuantConv2d(_IntegerGEMM):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q, x_scale, x_zero_point = self.quantize_input(self.im2col(x))  # (B, L, C*kh*kw) int8
-        acc = int8_gemm(x_q, x_zero_point, self.weight_q)  # (B, L, O) int32
-        y = rescale(acc, x_scale, self.weight_scale, self.bias, x.dtype)  # (B, L, O)
+        y = self.matmul(self.im2col(x))  # (B, L, O): one GEMM row per output pixel
         return y.transpose(1, 2).reshape(x.shape[0], self.out_channels, *self.output_size(x))  # (B, O, H', W')
 
     def extra_repr(self) -> str:
@@ -303,98 +334,87 @@ class QuantConv2d(_IntegerGEMM):
 
 
 # ----------------------------------------------------------------------------- weight-only modules
-class Int8WeightOnlyLinear(nn.Module):
-    """int8 weights (one scale per output channel), float activations: y = x @ (s_w * w_q)^T + b.
+class WeightOnlyLinear(_CachedKernels):
+    """Weight codes of any width and granularity, float activations: y = x @ dequantize(W)^T + b.
 
-    Saves memory and bandwidth (1 byte per weight instead of 4); the math stays in floating point.
+    Saves memory and bandwidth; the math stays in floating point (op "linear_weight_only": aten's int8/int4
+    kernels with bf16 activations at small M, the FP32 reference otherwise). Buffers, all canonical:
+    weight_qdata (codes; bit-packed in qlab's order below 8 bits), weight_scale, weight_zero_point (None if
+    symmetric), weight_g_idx (None unless GPTQ act order), bias.
     """
 
-    def __init__(self, linear: nn.Linear, granularity_w: Granularity = PerChannel(0)) -> None:
+    def __init__(self, weight: QTensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        _check_weight_granularity(granularity_w)
-        self.out_features, self.in_features = linear.weight.shape
-        w = linear.weight.detach().float()
-        scale, _ = choose_qparams(w, int8, granularity_w, symmetric=True)
-        self.register_buffer("weight_q", quantize(w, scale, 0, int8, granularity_w))  # (N, K) int8
-        self.register_buffer("weight_scale", scale.expand(self.out_features).clone())  # (N,)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        _check_qtensor(weight, type(self).__name__)
+        if len(weight.shape) != 2:
+            raise ValueError(f"{type(self).__name__} needs an (out_features, in_features) weight, got {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.weight_qtype, self.weight_granularity, self.symmetric = weight.qtype, weight.granularity, weight.symmetric
+        self.register_buffer("weight_qdata", weight.qdata)
+        self.register_buffer("weight_scale", weight.scale_values().float())
+        self.register_buffer("weight_zero_point", None if weight.symmetric else weight.zero_point.to(torch.int32))
+        self.register_buffer("weight_g_idx", weight.g_idx)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def from_qtensor(cls, qt: QTensor, bias: torch.Tensor | None = None) -> WeightOnlyLinear:
+        return cls(qt, bias)
+
+    def qweight(self) -> QTensor:
+        """The stored weight as a QTensor (a view of the buffers, nothing copied)."""
+        zero_point = self.weight_zero_point
+        if zero_point is None:
+            zero_point = torch.zeros(self.weight_scale.shape, dtype=torch.int32, device=self.weight_scale.device)
+        return QTensor(self.weight_qdata, self.weight_scale, zero_point, self.weight_qtype, self.weight_granularity,
+                       torch.Size((self.out_features, self.in_features)), self.symmetric, torch.float32, self.weight_g_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.int8_weight_only_mm(x.reshape(-1, self.in_features), self.weight_q, self.weight_scale)  # (M, N)
-        y = y.reshape(*x.shape[:-1], self.out_features)
+        y = kernels.call("linear_weight_only", x.reshape(-1, self.in_features), self.qweight(), self._kernel_cache)
+        y = y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dequantize_weight(self) -> torch.Tensor:
-        return dequantize(self.weight_q, self.weight_scale, 0, PerChannel(0))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight=ql.int8 PerChannel(axis=0)"
-
-
-class Int4WeightOnlyLinear(nn.Module):
-    """Group-wise 4-bit weights, two codes per byte, float activations.
-
-    layout "tinygemm": the packed layout of torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu);
-    layout "plain": ql.pack_int4's layout, run by the reference dequantize-then-matmul. Both hold
-    N * K / 2 bytes of codes; "auto" picks tinygemm where the kernel accepts the shape.
-    Codes: symmetric int4 in [-7, 7], or (symmetric=False, the default) uint4 in [0, 15] with a zero point.
-    """
-
-    def __init__(self, linear: nn.Linear, group_size: int = 128, symmetric: bool = False, layout: str = "auto") -> None:
-        super().__init__()
-        N, K = linear.weight.shape  # (out_features, in_features)
-        if K % group_size:
-            divisors = [d for d in (32, 64, 128, 256, 512) if K % d == 0] or [d for d in range(1, K + 1) if K % d == 0][-4:]
-            raise ValueError(f"group_size={group_size} must divide in_features={K}; try one of {divisors}")
-        if layout not in ("auto", "tinygemm", "plain"):
-            raise ValueError(f"layout must be 'auto', 'tinygemm' or 'plain', got {layout!r}")
-        device = linear.weight.device
-        fits = kernels.cpu.int4_weight_only_supported(N, group_size, device)
-        if layout == "tinygemm" and not fits:
-            raise ValueError(
-                f"the tinygemm int4 kernel needs a CPU tensor, out_features % 16 == 0 and group_size in "
-                f"{kernels.cpu.INT4_GROUP_SIZES}; got out_features={N}, group_size={group_size} on {device}. Use layout='plain'"
-            )
-        self.layout = "tinygemm" if layout == "tinygemm" or (layout == "auto" and fits) else "plain"
-        self.in_features, self.out_features, self.group_size, self.symmetric = K, N, group_size, symmetric
-        self.qtype = int4 if symmetric else uint4
-        w = linear.weight.detach().float()
-        scale, zero_point = choose_qparams(w, self.qtype, PerGroup(group_size), symmetric)  # (N, K // g) each
-        codes = quantize(w, scale, zero_point, self.qtype, PerGroup(group_size))  # (N, K)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
-        if self.layout == "tinygemm":
-            self.register_buffer("weight_packed", kernels.cpu.pack_int4_weight(codes, symmetric))  # (N, K // 2) uint8
-            self.register_buffer("scales_and_zeros", kernels.cpu.scales_and_zeros(scale, zero_point, symmetric))  # (K // g, N, 2)
-        else:
-            self.register_buffer("weight_packed", pack_int4(codes))  # (N * K // 2,) uint8
-            self.register_buffer("scale", scale)  # (N, K // g)
-            self.register_buffer("zero_point", None if symmetric else zero_point)  # (N, K // g) int32
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) @ W^T -> (M, N) on this layout's kernel."""
-        if self.layout == "tinygemm":
-            return kernels.int4_weight_only_mm(x, self.weight_packed, self.group_size, self.scales_and_zeros)
-        zero_point = torch.zeros_like(self.scale, dtype=torch.int32) if self.zero_point is None else self.zero_point
-        return kernels.int4_weight_only_mm_reference(
-            x, self.weight_packed, self.scale, zero_point, (self.out_features, self.in_features), self.group_size, self.symmetric
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._matmul(x.reshape(-1, self.in_features))  # (M, N)
-        y = y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def dequantize_weight(self) -> torch.Tensor:
-        """The (N, K) float32 weight the codes stand for (tinygemm layout: read back through the kernel as I @ W^T)."""
-        eye = torch.eye(self.in_features, device=self.weight_packed.device)  # (K, K)
-        return self._matmul(eye).t().float()  # (N, K)
+        """The (N, K) float32 weight the codes stand for."""
+        return self.qweight().dequantize()
 
     @property
     def packed_nbytes(self) -> int:
-        """Bytes of packed codes plus qparams: what a batch-1 matmul must read from memory."""
-        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name != "bias")
+        """Bytes of codes plus qparams: what a batch-1 matmul must read from memory."""
+        return self.qweight().nbytes
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"weight={self.qtype!r} PerGroup({self.group_size}), layout={self.layout!r}")
+                f"weight={self.weight_qtype!r} {self.weight_granularity}")
 
+
+class Int8WeightOnlyLinear(WeightOnlyLinear):
+    """int8 weights (one scale per output channel by default), float activations."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_granularity: Granularity = PerChannel(0)) -> Int8WeightOnlyLinear:
+        _check_weight_granularity(weight_granularity)
+        return cls(quantize_tensor(linear.weight.detach().float(), int8, weight_granularity, symmetric=True), linear.bias)
+
+
+def _group_divisors(K: int) -> list[int]:
+    return [d for d in (32, 64, 128, 256, 512) if K % d == 0] or [d for d in range(1, K + 1) if K % d == 0][-4:]
+
+
+class Int4WeightOnlyLinear(WeightOnlyLinear):
+    """Group-wise 4-bit weights, two codes per byte, float activations.
+
+    Codes: symmetric int4 in [-7, 7], or (symmetric=False, the default) uint4 in [0, 15] with a zero point
+    per group.
+    """
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False) -> Int4WeightOnlyLinear:
+        K = linear.weight.shape[1]
+        if not isinstance(group_size, int) or group_size < 1 or K % group_size:
+            raise ValueError(f"group_size={group_size} must divide in_features={K}; try one of {_group_divisors(K)}")
+        w = linear.weight.detach().float()
+        return cls(quantize_tensor(w, int4 if symmetric else uint4, PerGroup(group_size), symmetric), linear.bias)
+
+    @property
+    def group_size(self) -> int:
+        return self.weight_granularity.group_size

@@ -17,7 +17,7 @@ round() has zero gradient almost everywhere, so training uses a surrogate:
 
 Workflow (the book's QAT chapter):
 
-    ql.quantize_(model, ql.FakeQuantConfig(weight_bits=4, act_bits=4), calib_data=batches)   # PTQ start point
+    ql.quantize_(model, ql.FakeQuantConfig(weight_qtype=ql.int4, act_qtype=ql.uint4), calib_data=batches)   # PTQ start point
     for step, (x, y) in enumerate(loader):                                                    # train as usual
         ql.qat_schedule_(model, step, freeze_observers_at=200, freeze_bn_at=300)
         ...
@@ -260,13 +260,13 @@ def _to_integer(m: nn.Module) -> nn.Module:
     wq = m.weight_fake_quant
     act = m.act_fake_quant
     if act is None:
-        raise ValueError("convert_ needs activation fake quantization (act_bits) to build an integer layer; "
-                         "for weight-only QAT use Int8WeightOnlyConfig / Int4WeightOnlyConfig after training")
-    kwargs = dict(weight_qtype=wq.qtype, granularity_w=wq.granularity, weight_qparams=wq.qparams(),
+        raise ValueError("convert_ needs activation fake quantization (act_qtype) to build an integer layer; "
+                         "for weight-only QAT run ql.quantize_(model, ql.Int8WeightOnlyConfig()) or "
+                         "ql.Int4WeightOnlyConfig() after training instead")
+    kwargs = dict(weight_qtype=wq.qtype, weight_granularity=wq.granularity, weight_qparams=wq.qparams(),
                   act_qtype=act.qtype, act_granularity=PerTensor(), act_qparams=act.qparams())
-    if isinstance(m, FakeQuantConv2d):
-        return QuantConv2d(m, **kwargs)
-    return QuantLinear(m.weight, m.bias, **kwargs)
+    quant = QuantConv2d if isinstance(m, FakeQuantConv2d) else QuantLinear
+    return quant.from_float(m, **kwargs)
 
 
 def convert_(model: nn.Module) -> nn.Module:

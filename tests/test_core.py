@@ -24,8 +24,9 @@ def naive_qparams(values: list[float], qtype: ql.QType, symmetric: bool) -> tupl
     return scale, zp
 
 
-def naive_code(v: float, scale: float, zp: int, qtype: ql.QType) -> int:
-    lowest = -qtype.qmax if (qtype.signed and zp == 0) else qtype.qmin
+def naive_code(v: float, scale: float, zp: int, qtype: ql.QType, symmetric: bool) -> int:
+    """The spec: symmetric signed codes use the restricted range [-qmax, qmax]; everything else [qmin, qmax]."""
+    lowest = -qtype.qmax if (qtype.signed and symmetric) else qtype.qmin
     return min(max(round(v / scale) + zp, lowest), qtype.qmax)
 
 
@@ -52,7 +53,7 @@ def naive_quantize(x: torch.Tensor, qtype, gran, symmetric):
         scale, zp = qparams[slice_index(tuple(idx), tuple(x.shape), gran)]
         # torch computes x / scale in float32; do the same so ties land identically
         v = float(torch.tensor(float(x32[tuple(idx)])) / torch.tensor(scale, dtype=torch.float32))
-        code = naive_code(v, 1.0, zp, qtype)
+        code = naive_code(v, 1.0, zp, qtype, symmetric)
         q[tuple(idx)] = code
         x_hat[tuple(idx)] = (code - zp) * float(torch.tensor(scale, dtype=torch.float32))
     return qparams, q, x_hat
@@ -79,7 +80,7 @@ def test_matches_naive_loop(shape, gran, qtype, symmetric):
     if not qtype.signed and symmetric:
         x = x.abs()  # unsigned symmetric is meant for non-negative data (e.g. after ReLU)
     scale, zp = ql.choose_qparams(x, qtype, gran, symmetric)
-    q = ql.quantize(x, scale, zp, qtype, gran)
+    q = ql.quantize(x, scale, zp, qtype, gran, symmetric=symmetric)
     x_hat = ql.dequantize(q, scale, zp, gran)
     qparams, q_ref, x_hat_ref = naive_quantize(x, qtype, gran, symmetric)
 
@@ -223,3 +224,16 @@ def test_metrics_by_hand():
     assert ql.metrics.cosine(x, x_hat) == pytest.approx(21 / (5 * math.sqrt(18)))
     with pytest.raises(ValueError, match="must match"):
         ql.metrics.mse(x, torch.zeros(3))
+
+
+def test_asymmetric_signed_range_keeps_the_lowest_code():
+    """Asymmetric int8 whose zero point happens to be 0 still owns code -128 (hand-computed case)."""
+    x = torch.tensor([-1.28, 0.3, 1.27])
+    scale, zp = ql.choose_qparams(x, ql.int8, symmetric=False)
+    assert int(zp) == 0 and float(scale) == pytest.approx(2.55 / 255)  # (1.27 + 1.28) / 255 = 0.01
+    assert ql.quantize(x, scale, zp, ql.int8, symmetric=False).tolist() == [-128, 30, 127]
+    qt = ql.quantize_tensor(x, ql.int8, symmetric=False)
+    assert qt.int_repr().tolist() == [-128, 30, 127]
+    assert ql.fake_quantize(x, ql.int8, symmetric=False)[0].item() == pytest.approx(-1.28, abs=1e-6)
+    # symmetric: the restricted range [-127, 127]
+    assert ql.quantize(x, 0.01, 0, ql.int8, symmetric=True).tolist() == [-127, 30, 127]

@@ -1,13 +1,15 @@
-"""qlab.kernels: every fast path against the pure-torch reference, and the reference against a naive loop."""
+"""qlab.kernels: the registry, every registered kernel against the pure-torch reference, the reference
+against a naive loop, and the dispatch rules (device, row count, CPU capability, missing torch ops)."""
 
 import pytest
 import torch
 
 import qlab as ql
 from qlab import kernels
-from qlab.kernels import cpu, reference
+from qlab.kernels import ActQuant, KernelCache, cpu, reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def naive_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -30,17 +32,104 @@ def test_reference_int_mm_is_exact_against_naive_loop():
     assert torch.equal(reference.int_mm(a, b).long(), naive_int_mm(a, b))
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 5, 7), (17, 64, 48), (64, 1024, 32)])
-def test_int_mm_cpu_kernel_matches_reference(shape):
-    M, K, N = shape
-    g = torch.Generator().manual_seed(M + K + N)
-    a = torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int8)
-    w = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
-    with kernels.trace() as ran:
-        c = kernels.int_mm(a, w.t())  # the layout QuantLinear uses: b is a transposed (N, K) weight
-    assert ran == [kernels.INT_MM_CPU]
-    assert c.dtype == torch.int32
-    assert torch.equal(c, reference.int_mm(a, w.t()))
+def naive_w8a8(x, w_q, w_scale, qmax):
+    """The spec of per-token symmetric W8A8, written out: s_x = absmax / qmax per row, codes clamp to
+    [-qmax, qmax], exact integer dot products in Python, then s_x * s_w * acc."""
+    out = torch.zeros(x.shape[0], w_q.shape[0], dtype=torch.float64)
+    for m in range(x.shape[0]):
+        s = float(x[m].abs().max()) / qmax
+        q = [max(-qmax, min(qmax, round(v))) for v in (x[m] / torch.tensor(s, dtype=torch.float32)).tolist()]
+        for n in range(w_q.shape[0]):
+            acc = sum(qi * int(wi) for qi, wi in zip(q, w_q[n].tolist()))
+            out[m, n] = s * float(w_scale[n]) * acc
+    return out
+
+
+def test_reference_w8a8_matches_the_written_out_spec():
+    g = torch.Generator().manual_seed(3)
+    x, w_q = torch.randn(3, 16, generator=g), torch.randint(-127, 128, (5, 16), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(5, generator=g) / 50
+    y = reference.linear_w8a8(x, w_q, w_scale, ActQuant(ql.int8, ql.PerToken()))
+    torch.testing.assert_close(y.double(), naive_w8a8(x, w_q, w_scale, 127), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- every kernel vs the reference
+def w8a8_cases(device):
+    g = torch.Generator().manual_seed(0)
+    K, N = 256, 48
+    w = torch.randn(N, K, generator=g)
+    w_scale = w.abs().amax(1) / 127
+    w_q = torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
+    for M in (1, 7, 40):
+        x = torch.randn(M, K, generator=g) * torch.linspace(0.2, 3, K)  # uneven channels
+        for act in (ActQuant(ql.int8, ql.PerToken()), ActQuant(ql.int8, ql.PerTensor()),
+                    ActQuant(ql.qtype(7), ql.PerToken()),  # reduce_range
+                    ActQuant(ql.int8, ql.PerTensor(), torch.tensor(0.02), torch.tensor(0, dtype=torch.int32)),
+                    ActQuant(ql.uint8, ql.PerTensor(), torch.tensor(0.03), torch.tensor(120, dtype=torch.int32)),
+                    ActQuant(ql.qtype(7, signed=False), ql.PerTensor(), torch.tensor(0.06), torch.tensor(60, dtype=torch.int32))):
+            yield (x.to(device), w_q.to(device), w_scale.to(device), act._replace(
+                scale=None if act.scale is None else act.scale.to(device),
+                zero_point=None if act.zero_point is None else act.zero_point.to(device)), KernelCache())
+
+
+def weight_only_cases(device):
+    g = torch.Generator().manual_seed(1)
+    N, K = 64, 256
+    w = torch.randn(N, K, generator=g)
+    qts = [ql.quantize_tensor(w, ql.int8, ql.PerChannel(0)), ql.quantize_tensor(w, ql.int8, ql.PerTensor()),
+           ql.quantize_tensor(w, ql.uint4, ql.PerGroup(64), symmetric=False),
+           ql.quantize_tensor(w, ql.int4, ql.PerGroup(32), symmetric=True),
+           ql.quantize_tensor(w, ql.int2, ql.PerGroup(128), symmetric=True)]
+    for M in (1, 16, 64):
+        x = torch.randn(M, K, generator=g)
+        for qt in qts:
+            yield x.to(device), qt.to(device), KernelCache()
+
+
+def int_mm_cases(device):
+    for M, K, N in [(1, 8, 8), (3, 5, 7), (17, 64, 48), (64, 1024, 32)]:
+        g = torch.Generator().manual_seed(M + K + N)
+        a = torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int8)
+        w = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+        yield a.to(device), w.t().to(device)
+
+
+CASES = {"int_mm": int_mm_cases, "linear_w8a8": w8a8_cases, "linear_weight_only": weight_only_cases}
+
+
+def test_every_op_has_cases_and_a_reference():
+    assert set(kernels.ops()) == set(CASES)
+    for op in kernels.ops():
+        assert kernels.registered(op)[-1].name == kernels.REFERENCE
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_every_registered_kernel_agrees_with_the_reference(op, device):
+    """Each kernel, on every case it accepts, is within its declared tolerance of the reference
+    (tolerance 0: the very same integers / floats up to fp32 rounding)."""
+    ref = kernels.registered(op)[-1]
+    ran = {k.name: 0 for k in kernels.registered(op)}
+    for args in CASES[op](device):
+        expected = ref.fn(*args).double().cpu()
+        for kernel in kernels.registered(op):
+            if not kernel.supports(*args):
+                continue
+            got = kernel.fn(*args).double().cpu()
+            assert got.shape == expected.shape, kernel.name
+            err = float((got - expected).norm() / expected.norm().clamp(min=1e-12))
+            bound = kernel.tolerance if kernel.tolerance else 1e-6
+            assert err <= bound, (kernel.name, op, args[0].shape, err)
+            ran[kernel.name] += 1
+    assert ran[kernels.REFERENCE] > 0
+    print(op, device, ran)
+
+
+def test_int_mm_kernels_are_bit_exact():
+    for a, b in int_mm_cases("cpu"):
+        for kernel in kernels.registered("int_mm"):
+            if kernel.supports(a, b):
+                assert torch.equal(kernel.fn(a, b), reference.int_mm(a, b)), kernel.name
 
 
 def test_int_mm_rejects_wrong_operands():
@@ -50,43 +139,96 @@ def test_int_mm_rejects_wrong_operands():
         kernels.int_mm(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(4, 2, dtype=torch.int8))
 
 
-def test_int8_weight_only_kernel_matches_reference():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 96, generator=g)
-    w_q = torch.randint(-127, 128, (40, 96), generator=g, dtype=torch.int8)
-    scale = torch.rand(40, generator=g) / 100 + 1e-3
+# ----------------------------------------------------------------------------- dispatch rules
+def test_int_mm_is_chosen_only_with_int8_dot_product_instructions(monkeypatch):
+    a = torch.ones(2, 8, dtype=torch.int8)
+    monkeypatch.setattr(cpu, "has_int8_dot", lambda: False)  # an AVX2 CPU: _int_mm is a scalar loop there
+    assert kernels.choose("int_mm", a, a.t()).name == kernels.REFERENCE
+    monkeypatch.setattr(cpu, "has_int8_dot", lambda: True)
+    assert kernels.choose("int_mm", a, a.t()).name == kernels.INT_MM_CPU
+
+
+def test_fbgemm_needs_7_bit_activations_without_int8_dot(monkeypatch):
+    x, w_q, w_scale = torch.randn(2, 64), torch.ones(8, 64, dtype=torch.int8), torch.ones(8)
+    monkeypatch.setattr(cpu, "has_int8_dot", lambda: False)
+    eight, seven = ActQuant(ql.int8, ql.PerToken()), ActQuant(ql.qtype(7), ql.PerToken())
+    assert kernels.choose("linear_w8a8", x, w_q, w_scale, eight, KernelCache()).name == kernels.REFERENCE
+    assert kernels.choose("linear_w8a8", x, w_q, w_scale, seven, KernelCache()).name == cpu.FBGEMM
+
+
+def test_a_torch_without_quantized_ops_falls_back_cleanly(monkeypatch):
+    """Where torch.ops.quantized is gone (torch deprecates torch.ao), W8A8 still runs, on the next kernel."""
+    monkeypatch.setattr(cpu, "has_quantized_op", lambda name: False)
+    layer = ql.QuantLinear.from_float(torch.nn.Linear(64, 16))
+    x = torch.randn(3, 64)
     with kernels.trace() as ran:
-        y = kernels.int8_weight_only_mm(x, w_q, scale)
-    assert ran == [kernels.INT8_WEIGHT_ONLY_CPU]
-    torch.testing.assert_close(y, reference.int8_weight_only_mm(x, w_q, scale), rtol=1e-5, atol=1e-5)
+        y = layer(x)
+    assert cpu.FBGEMM not in ran and ran and ran[0] in (kernels.INT_MM_CPU, kernels.REFERENCE)
+    with kernels.disable(*kernels.fast_only()):
+        torch.testing.assert_close(y, layer(x))
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("group_size", [32, 128])
-def test_int4_tinygemm_layout_matches_plain_reference(symmetric, group_size):
-    """The CPU int4 kernel, fed qlab's codes through pack_int4_weight / scales_and_zeros, agrees with
-    dequantize-then-matmul on the same codes to ~1e-5 relative (the convention w = (u - 8) * s + zero)."""
-    g = torch.Generator().manual_seed(group_size)
-    N, K = 48, 256
-    w = torch.randn(N, K, generator=g)
+def test_weight_only_kernels_are_chosen_by_row_count():
+    qt = ql.quantize_tensor(torch.randn(64, 256), ql.uint4, ql.PerGroup(64), symmetric=False)
+    small, large = torch.randn(cpu.SMALL_M, 256), torch.randn(cpu.SMALL_M + 1, 256)
+    assert kernels.choose("linear_weight_only", small, qt, KernelCache()).name == cpu.INT4PACK
+    assert kernels.choose("linear_weight_only", large, qt, KernelCache()).name == kernels.REFERENCE
+
+
+def test_int4pack_layout_is_derived_once_and_never_saved():
+    layer = ql.Int4WeightOnlyLinear.from_float(torch.nn.Linear(256, 64), group_size=64)
+    x = torch.randn(2, 256)
+    layer(x)
+    assert (cpu.INT4PACK, "cpu") in layer._kernel_cache
+    packed = layer._kernel_cache[(cpu.INT4PACK, "cpu")]
+    layer(x)
+    assert layer._kernel_cache[(cpu.INT4PACK, "cpu")] is packed  # derived on first use only
+    assert set(layer.state_dict()) == {"weight_qdata", "weight_scale", "weight_zero_point", "bias"}
+
+
+def test_int4_tinygemm_mapping_against_a_hand_dequantized_weight():
+    """The tinygemm convention w = (u - 8) * s + zero, fed qlab's codes, gives x @ W_hat^T with W_hat
+    computed by hand from the codes: (u - z) * s per group."""
+    g = torch.Generator().manual_seed(5)
+    N, K, gs = 32, 128, 32
+    u = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    s = torch.rand(N, K // gs, generator=g) + 0.1
+    z = torch.randint(0, 16, (N, K // gs), generator=g, dtype=torch.int32)
+    w_hat = (u.float() - z.repeat_interleave(gs, 1).float()) * s.repeat_interleave(gs, 1)
+    qt = ql.from_codes(u, s, z, ql.uint4, ql.PerGroup(gs), symmetric=False)
     x = torch.randn(3, K, generator=g)
-    qtype = ql.int4 if symmetric else ql.uint4
-    scale, zero_point = ql.choose_qparams(w, qtype, ql.PerGroup(group_size), symmetric)
-    codes = ql.quantize(w, scale, zero_point, qtype, ql.PerGroup(group_size))
-    packed = cpu.pack_int4_weight(codes, signed=symmetric)
-    table = cpu.scales_and_zeros(scale, zero_point, signed=symmetric)
-    y = kernels.int4_weight_only_mm(x, packed, group_size, table)
-    ref = reference.int4_weight_only_mm(x, ql.pack_int4(codes), scale, zero_point, (N, K), group_size, symmetric)
-    assert (y - ref).abs().max() / ref.abs().max() < 1e-5
+    y = cpu.int4pack_linear(x, qt, KernelCache())
+    ref = x @ w_hat.t()
+    assert float((y - ref).norm() / ref.norm()) < 1e-2  # bf16 activations and qparams
 
 
-def test_int4_kernel_constraints_measured():
-    """What torch 2.13's CPU int4 kernel accepts (recorded in cpu.int4_weight_only_supported)."""
-    assert cpu.int4_weight_only_supported(48, 32)
-    assert not cpu.int4_weight_only_supported(40, 32)  # N % 16 != 0
-    assert not cpu.int4_weight_only_supported(48, 16)  # group_size not in {32, 64, 128, 256}
-    with pytest.raises(RuntimeError, match="dividable by 16"):
-        cpu.pack_int4_weight(torch.zeros(8, 64, dtype=torch.int8), signed=True)
+def test_registry_errors_and_disable():
+    with pytest.raises(ValueError, match="no kernel is registered for op 'nope'"):
+        kernels.registered("nope")
+    with pytest.raises(ValueError, match="unknown kernel names"):
+        with kernels.disable("no such kernel"):
+            pass
+    with pytest.raises(ValueError, match="cannot be disabled"):
+        with kernels.disable(kernels.REFERENCE):
+            pass
+    a = torch.ones(2, 8, dtype=torch.int8)
+    with kernels.disable(kernels.INT_MM_CPU), kernels.trace() as ran:
+        kernels.int_mm(a, a.t())
+    assert ran == [kernels.REFERENCE]
+
+
+def test_a_registered_kernel_is_dispatched_by_priority():
+    calls = []
+    try:
+        kernels.register("int_mm", "test kernel", lambda a, b: a.shape[0] == 3,
+                         lambda a, b: calls.append(1) or reference.int_mm(a, b), priority=50)
+        a = torch.ones(3, 8, dtype=torch.int8)
+        with kernels.trace() as ran:
+            kernels.int_mm(a, a.t())
+            kernels.int_mm(a[:2], a.t())
+        assert ran[0] == "test kernel" and ran[1] != "test kernel" and calls == [1]
+    finally:
+        kernels._REGISTRY["int_mm"] = [k for k in kernels._REGISTRY["int_mm"] if k.name != "test kernel"]
 
 
 def test_trace_records_only_inside_the_block():
@@ -94,7 +236,7 @@ def test_trace_records_only_inside_the_block():
     with kernels.trace() as ran:
         kernels.int_mm(a, a.t())
     kernels.int_mm(a, a.t())
-    assert ran == [kernels.INT_MM_CPU]
+    assert len(ran) == 1
 
 
 @cuda

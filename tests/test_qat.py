@@ -117,7 +117,7 @@ def test_fake_quant_linear_converts_to_an_equal_integer_layer():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
     x = torch.randn(64, 32)
-    quantize_(model, FakeQuantConfig(weight_bits=4, act_bits=8), calib_data=[x])
+    quantize_(model, FakeQuantConfig(weight_qtype=ql.int4, act_qtype=ql.uint8), calib_data=[x])
     assert isinstance(model[0], FakeQuantLinear)
     with torch.no_grad():
         fake = model(x)
@@ -157,7 +157,7 @@ def test_qat_at_4_bits_recovers_accuracy_and_converts_to_integers():
     x_test, y_test = ql.data.digits_split("test")
     model = ql.models.digits_cnn(pretrained=True)
     fp32 = ql.eval.accuracy(model, x_test, y_test)
-    config = FakeQuantConfig(weight_bits=4, act_bits=4, granularity_w=ql.PerTensor(), act_symmetric=True)
+    config = FakeQuantConfig(weight_qtype=ql.int4, act_qtype=ql.int4, weight_granularity=ql.PerTensor())
     quantize_(model, config, calib_data=ql.data.digits_calibration_batches())
     assert isinstance(model.conv1, FakeQuantConv2d)
     ptq = ql.eval.accuracy(model, x_test, y_test)

@@ -80,11 +80,10 @@ def choose_qparams(
     return scale, zero_point
 
 
-def _code_range(zero_point: torch.Tensor, qtype: QType) -> tuple[torch.Tensor | int, int]:
-    """Lowest and highest allowed code: signed symmetric (zero_point == 0) uses [-qmax, qmax]."""
-    if qtype.signed:
-        lowest = torch.where(zero_point == 0, -qtype.qmax, qtype.qmin)
-        return lowest, qtype.qmax
+def _code_range(qtype: QType, symmetric: bool) -> tuple[int, int]:
+    """Lowest and highest allowed code: signed symmetric quantization uses the restricted [-qmax, qmax]."""
+    if qtype.signed and symmetric:
+        return -qtype.qmax, qtype.qmax
     return qtype.qmin, qtype.qmax
 
 
@@ -94,10 +93,14 @@ def quantize(
     zero_point: torch.Tensor | int,
     qtype: QType,
     granularity: Granularity = PerTensor(),
+    symmetric: bool | None = None,
 ) -> torch.Tensor:
     """Map `x` to integer codes: clamp(round(x / scale) + zero_point, qmin, qmax).
 
-    Signed codes whose zero_point is 0 (symmetric quantization) are clamped to [-qmax, qmax].
+    symmetric=True clamps signed codes to the restricted range [-qmax, qmax]; symmetric=False uses the
+    full [qmin, qmax] (an asymmetric int8 grid whose zero point happens to be 0 keeps code -128).
+    None (the default) means symmetric exactly when every zero point is 0: pass the flag you gave
+    choose_qparams when you have it.
 
     Returns:
         a tensor of x's shape holding the codes, dtype int8 (signed qtype) or uint8 (unsigned),
@@ -111,9 +114,10 @@ def quantize(
         raise ValueError("scale must be positive and finite everywhere; compute it with ql.choose_qparams")
     s = expand(scale, x, granularity)
     z = expand(zero_point, x, granularity)
-    lowest, highest = _code_range(z, qtype)
-    q = torch.round(x.float() / s) + z
-    q = torch.maximum(q, torch.as_tensor(lowest, dtype=q.dtype, device=q.device)).clamp(max=highest)
+    if symmetric is None:
+        symmetric = not bool((zero_point != 0).any())
+    lowest, highest = _code_range(qtype, symmetric)
+    q = (torch.round(x.float() / s) + z).clamp(lowest, highest)
     return q.to(qtype.storage_dtype)
 
 
@@ -145,5 +149,5 @@ def fake_quantize(
     the straight-through estimator in qlab's QAT module.
     """
     scale, zero_point = choose_qparams(x, qtype, granularity, symmetric)
-    q = quantize(x, scale, zero_point, qtype, granularity)
+    q = quantize(x, scale, zero_point, qtype, granularity, symmetric)
     return dequantize(q, scale, zero_point, granularity).to(x.dtype)

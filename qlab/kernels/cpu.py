@@ -1,95 +1,207 @@
-"""CPU fast paths: the integer and weight-only matmul kernels that ship inside PyTorch.
+"""CPU fast paths, registered per op with the conditions under which each one is actually fast.
 
-    torch._int_mm                                  int8 (M, K) @ int8 (K, N) -> int32; any shape on CPU
-    torch.ops.aten._weight_int8pack_mm             x (M, K) fp32/bf16/fp16 @ int8 W (N, K)^T * scale (N,)
-    torch.ops.aten._convert_weight_to_int4pack_for_cpu
-    torch.ops.aten._weight_int4pack_mm_for_cpu     x (M, K) @ group-wise 4-bit W (N, K)^T
+    fbgemm (cpu)                torch.ops.quantized.linear_dynamic / linear_with_input_q_dq_qweight_dq_output_fp32
+                                with prepacked per-channel int8 weights (x86): W8A8 at every M
+    torch._int_mm (cpu)         int8 @ int8 -> int32; only where the CPU has int8 dot-product instructions
+                                (AVX-512 VNNI, AVX-VNNI, AMX); elsewhere it is a scalar loop slower than FP32
+    aten int8pack, bf16 (cpu)   aten._weight_int8pack_mm with activations cast to bf16 inside the call
+    aten int4pack, bf16 (cpu)   aten._weight_int4pack_mm_for_cpu (the tinygemm layout), bf16 activations
 
-The int4 kernel ("tinygemm" layout, the one gpt-fast and torchao use) stores unsigned codes u in [0, 15]
-and dequantizes each group as
+Why bf16 activations: with fp32 activations both aten weight-only kernels take a scalar path 5-85x slower
+than FP32 `F.linear`; with bf16 they vectorize. x is cast to bf16 (8 significant bits: relative rounding
+error <= 2^-9 per element), the kernel accumulates in fp32 and returns bf16, which is cast back; the
+measured effect on a 4096-wide layer is a relative output error of about 3e-3 against the fp32 reference
+(`tolerance` below bounds it, tests/test_kernels.py checks it). They are chosen only for M <= SMALL_M rows:
+at large M they lose to the FP32 GEMM (bench/linear.py shows the crossover).
 
-    w = (u - 8) * scale + zero            scales_and_zeros: (K // group_size, N, 2), [..., 0] = scale, [..., 1] = zero
+fbgemm's u8s8 kernel on AVX2 without VNNI multiplies pairs with `vpmaddubsw`, whose int16 sums saturate for
+8-bit activations: there, only 7-bit activation codes (`reduce_range`, relative error about 0.022 instead
+of 0.014) are accepted by its `supports`. Per-token dynamic scales (qlab's default) are realised on
+fbgemm's per-tensor kernel by dividing each row by its absmax first and multiplying the output rows back:
+every row then spans its own [-absmax, absmax] with the same number of codes, as per-token quantization does.
 
-so qlab's codes map onto it as: symmetric int4 c in [-7, 7] -> u = c + 8, zero = 0;
-asymmetric uint4 u with zero_point z -> u as is, zero = (8 - z) * scale (then (u - 8) s + (8 - z) s = (u - z) s).
-Constraints measured on torch 2.13 (tests/test_kernels.py checks them): N % 16 == 0 and
-group_size in {32, 64, 128, 256}.
-
-Each `*_supported` function says whether the kernel accepts the operands; callers fall back to
-`qlab.kernels.reference` when it does not. These kernels exist in every CPU build of torch >= 2.5, but
-not all of them are fast everywhere: on a CPU without VNNI/AMX int8 instructions `torch._int_mm` is a
-generic loop (bench/linear.py measures it).
+The int4 tinygemm layout stores unsigned codes u in [0, 15] and dequantizes each group as
+(u - 8) * scale + zero, with scales_and_zeros (K // g, N, 2); qlab's codes map onto it as
+signed c -> u = c + 8, zero = 0; unsigned u with zero point z -> zero = (8 - z) * scale.
+Constraints (torch 2.13): N % 16 == 0, group_size in {32, 64, 128, 256}, K % group_size == 0.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
+from ..core.granularity import PerChannel, PerGroup, PerToken
+from . import register, reference
+
+INT_MM = "torch._int_mm (cpu)"
+FBGEMM = "fbgemm (cpu)"
+INT8PACK = "aten int8pack, bf16 (cpu)"
+INT4PACK = "aten int4pack, bf16 (cpu)"
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+SMALL_M = 32  # weight-only aten kernels beat the FP32 GEMM up to about this many rows
 
 
-def _has(op: str) -> bool:
-    return hasattr(torch.ops.aten, op)
+# ----------------------------------------------------------------------------- what this CPU can do
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
+def has_int8_dot() -> bool:
+    """True if the CPU has int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX-INT8)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def has_native_bf16() -> bool:
+    """True if the CPU computes bf16 dot products natively (AVX-512 BF16 or AMX-BF16)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def capability() -> str:
+    """One line for benchmarks and chapters: torch's CPU capability plus the int8/bf16 instructions."""
+    extra = [name for name, ok in (("int8-dot", has_int8_dot()), ("bf16", has_native_bf16())) if ok]
+    return f"{torch.backends.cpu.get_cpu_capability()}{' + ' + ' + '.join(extra) if extra else ''}"
+
+
+@functools.lru_cache(maxsize=None)
+def has_quantized_op(name: str) -> bool:
+    """True if this torch build has torch.ops.quantized.<name> (x86 builds with fbgemm do)."""
+    try:
+        getattr(torch.ops.quantized, name)
+        return "fbgemm" in torch.backends.quantized.supported_engines
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------- torch._int_mm
 def int_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """torch._int_mm on CPU takes any 2-D int8 operands."""
-    return a.device.type == "cpu" and hasattr(torch, "_int_mm")
+    return _cpu(a) and hasattr(torch, "_int_mm") and has_int8_dot()
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) @ int8 (K, N) -> int32 (M, N) with torch._int_mm."""
     return torch._int_mm(a, b)
 
 
-def int8_weight_only_supported(x: torch.Tensor, w_q: torch.Tensor) -> bool:
-    """_weight_int8pack_mm: CPU, x 2-D fp32/bf16/fp16, w_q (N, K) int8."""
+def w8a8_int_mm_supported(x, w_q, w_scale, act, cache=None) -> bool:
+    return _cpu(x) and hasattr(torch, "_int_mm") and has_int8_dot()
+
+
+def w8a8_int_mm(x, w_q, w_scale, act, cache=None) -> torch.Tensor:
+    """Exactly the reference's integers: quantize x as the reference does, int8 GEMM in torch._int_mm."""
+    x_q, x_scale, x_zero_point = reference.quantize_activations(x, act)
+    return reference.rescale(torch._int_mm(x_q, w_q.t()), x_zero_point, w_q, x_scale, w_scale)
+
+
+# ----------------------------------------------------------------------------- fbgemm
+def fbgemm_pack(w_q: torch.Tensor, w_scale: torch.Tensor):
+    """fbgemm's prepacked weight from qlab's codes (N, K) int8 and scales () or (N,)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates quantized tensor constructors; the packed op stays
+        if w_scale.dim() == 0:
+            qw = torch._make_per_tensor_quantized_tensor(w_q, float(w_scale), 0)
+        else:
+            zeros = torch.zeros(w_q.shape[0], dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(w_q, w_scale.double(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def fbgemm_supported(x, w_q, w_scale, act, cache=None) -> bool:
+    if not (_cpu(x) and x.dtype == torch.float32 and cache is not None):
+        return False
+    bits_ok = act.qtype.bits == 7 or (act.qtype.bits == 8 and has_int8_dot())  # int16 saturation on AVX2
+    if act.static:
+        return bits_ok and has_quantized_op("linear_with_input_q_dq_qweight_dq_output_fp32")
+    return bits_ok and has_quantized_op("linear_dynamic")
+
+
+def fbgemm_linear(x, w_q, w_scale, act, cache=None) -> torch.Tensor:
+    packed = cache.get_packed(KERNELS[FBGEMM], x.device, w_q, w_scale)
+    if act.static:  # fbgemm takes quint8 codes: an int8 code c is the quint8 code c + 128
+        qmin, qmax = act.qtype.qmin, act.qtype.qmax
+        if act.qtype.signed:
+            qmin = -qmax  # qlab's restricted symmetric range
+        z = int(act.zero_point)
+        scale = float(act.scale)
+        x = x.clamp((qmin - z) * scale, (qmax - z) * scale)  # the codes outside the type's range clamp here
+        zp = z + 128 if act.qtype.signed else z
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, scale, zp, packed)
+    reduce_range = act.qtype.bits == 7
+    if act.granularity == PerToken():  # per-token scales on a per-tensor kernel: normalise each row
+        r = x.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)  # (M, 1)
+        return torch.ops.quantized.linear_dynamic(x / r, packed, reduce_range) * r
+    return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+
+
+# ----------------------------------------------------------------------------- aten weight-only kernels
+def _small_cpu_float(x) -> bool:
+    return _cpu(x) and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and x.shape[0] <= SMALL_M
+
+
+def int8pack_supported(x, qt, cache=None) -> bool:
     return (
-        x.device.type == "cpu"
-        and _has("_weight_int8pack_mm")
-        and x.dim() == 2
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and w_q.dtype == torch.int8
+        _small_cpu_float(x) and cache is not None and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        and qt.qtype.bits == 8 and qt.qtype.signed and qt.symmetric and qt.granularity == PerChannel(0)
+        and qt.g_idx is None and len(qt.shape) == 2
     )
 
 
-def int8_weight_only_mm(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ (scale[:, None] * w_q)^T -> (M, N), in x's dtype."""
-    return torch.ops.aten._weight_int8pack_mm(x, w_q.contiguous(), scale.to(x.dtype))
+def int8pack_pack(qt):
+    return qt.int_repr().contiguous(), qt.scale.reshape(-1).to(torch.bfloat16)
 
 
-def int4_weight_only_supported(out_features: int, group_size: int, device: torch.device | str = "cpu") -> bool:
-    """_weight_int4pack_mm_for_cpu: N % 16 == 0 and group_size in {32, 64, 128, 256}."""
-    return (
-        torch.device(device).type == "cpu"
-        and _has("_weight_int4pack_mm_for_cpu")
-        and out_features % 16 == 0
-        and group_size in INT4_GROUP_SIZES
-    )
+def int8pack_linear(x, qt, cache=None) -> torch.Tensor:
+    w_q, scale = cache.get_packed(KERNELS[INT8PACK], x.device, qt)
+    return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), w_q, scale).to(x.dtype)
 
 
-def pack_int4_weight(codes: torch.Tensor, signed: bool) -> torch.Tensor:
-    """Repack 4-bit codes (N, K) into the kernel's layout: uint8 (N, K // 2).
-
-    Signed codes c in [-8, 7] are shifted to u = c + 8 in [0, 15]; unsigned codes are kept.
-    """
-    u = codes.to(torch.int32) + (8 if signed else 0)  # (N, K) in [0, 15]
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
-
-
-def scales_and_zeros(scale: torch.Tensor, zero_point: torch.Tensor, signed: bool) -> torch.Tensor:
-    """qlab's group qparams (N, K // g) -> the kernel's (K // g, N, 2) table of (scale, zero).
-
-    In the kernel's [0, 15] code space the zero point is z_u = zero_point + 8 for signed codes (they were
-    shifted by 8) and zero_point itself for unsigned ones; then (u - z_u) * s = (u - 8) * s + (8 - z_u) * s.
-    """
-    z_u = zero_point.float() + (8 if signed else 0)
-    zero = (8 - z_u) * scale  # (N, K // g)
-    return torch.stack([scale.t(), zero.t()], dim=-1).float().contiguous()  # (K // g, N, 2)
+def int4pack_supported(x, qt, cache=None) -> bool:
+    if not (_small_cpu_float(x) and cache is not None and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
+        return False
+    if qt.qtype.bits != 4 or not isinstance(qt.granularity, PerGroup) or qt.g_idx is not None or len(qt.shape) != 2:
+        return False
+    N, K = qt.shape
+    g = qt.granularity.group_size
+    return N % 16 == 0 and g in INT4_GROUP_SIZES and K % g == 0
 
 
-def int4_weight_only_mm(
-    x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor
-) -> torch.Tensor:
-    """x (M, K) @ W^T with W in the tinygemm int4 layout -> (M, N), in x's dtype."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros.to(x.dtype))
+def int4pack_pack(qt):
+    """tinygemm layout from the canonical codes: packed (N, K / 2) uint8 and (K / g, N, 2) bf16 qparams."""
+    u = qt.int_repr().to(torch.int32) + (8 if qt.qtype.signed else 0)  # (N, K) in [0, 15]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+    z_u = qt.zero_point.float() + (8 if qt.qtype.signed else 0)  # zero point in [0, 15] code space
+    zero = (8 - z_u) * qt.scale  # (N, K // g): (u - 8) s + (8 - z_u) s = (u - z_u) s
+    table = torch.stack([qt.scale.t(), zero.t()], dim=-1).contiguous()  # (K // g, N, 2)
+    return packed, table.to(torch.bfloat16)
+
+
+def int4pack_linear(x, qt, cache=None) -> torch.Tensor:
+    packed, table = cache.get_packed(KERNELS[INT4PACK], x.device, qt)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, qt.granularity.group_size, table)
+    return y.to(x.dtype)
+
+
+KERNELS = {
+    INT_MM: register("int_mm", INT_MM, int_mm_supported, int_mm, priority=10),
+    FBGEMM: register("linear_w8a8", FBGEMM, fbgemm_supported, fbgemm_linear, pack=fbgemm_pack, priority=20,
+                     tolerance=0.03),
+    "w8a8 " + INT_MM: register("linear_w8a8", INT_MM, w8a8_int_mm_supported, w8a8_int_mm, priority=10),
+    INT8PACK: register("linear_weight_only", INT8PACK, int8pack_supported, int8pack_linear, pack=int8pack_pack,
+                       priority=10, tolerance=0.01),
+    INT4PACK: register("linear_weight_only", INT4PACK, int4pack_supported, int4pack_linear, pack=int4pack_pack,
+                       priority=10, tolerance=0.01),
+}

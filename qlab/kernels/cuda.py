@@ -1,25 +1,41 @@
-"""CUDA fast path: torch._int_mm on cuBLASLt integer tensor cores (optional; unused without a GPU).
+"""CUDA fast paths (optional; registered always, chosen only for CUDA tensors).
 
-torch._int_mm on CUDA is stricter than on CPU (aten/src/ATen/native/cuda/Blas.cpp, torch 2.x):
+torch._int_mm on CUDA (cuBLASLt integer tensor cores) is stricter than on CPU (aten/src/ATen/native/cuda/Blas.cpp):
 
     a (M, K) int8, b (K, N) int8     M > 16,  K > 0 and K % 8 == 0,  N > 0 and N % 8 == 0
 
-Decoding at batch 1 (M = 1) therefore falls back to the reference kernel; pad M to 17 rows if you
-want the tensor cores (bench/linear.py --device cuda reports which path ran).
+Decoding at batch 1 (M = 1) therefore falls back to the reference kernel (bench/gpu.sh reports which ran).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import register, reference
+
+INT_MM = "torch._int_mm (cuda)"
+
+
+def _shapes_ok(M: int, K: int, N: int) -> bool:
+    return M > 16 and K % 8 == 0 and N % 8 == 0
+
 
 def int_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Shapes and device that torch._int_mm accepts on CUDA."""
-    M, K = a.shape
-    N = b.shape[1]
-    return a.device.type == "cuda" and hasattr(torch, "_int_mm") and M > 16 and K % 8 == 0 and N % 8 == 0
+    return a.device.type == "cuda" and hasattr(torch, "_int_mm") and _shapes_ok(a.shape[0], a.shape[1], b.shape[1])
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) @ int8 (K, N) -> int32 (M, N) with torch._int_mm."""
     return torch._int_mm(a, b)
+
+
+def w8a8_supported(x, w_q, w_scale, act, cache=None) -> bool:
+    return x.device.type == "cuda" and hasattr(torch, "_int_mm") and _shapes_ok(x.shape[0], x.shape[1], w_q.shape[0])
+
+
+def w8a8_int_mm(x, w_q, w_scale, act, cache=None) -> torch.Tensor:
+    x_q, x_scale, x_zero_point = reference.quantize_activations(x, act)
+    return reference.rescale(torch._int_mm(x_q, w_q.t()), x_zero_point, w_q, x_scale, w_scale)
+
+
+register("int_mm", INT_MM, int_mm_supported, int_mm, priority=10)
+register("linear_w8a8", INT_MM, w8a8_supported, w8a8_int_mm, priority=10)
