@@ -26,10 +26,16 @@ from .calibration import _check_names, _first_tensor, _run, forward_hooks
 
 
 def channel_axis(layer: nn.Module) -> int:
-    """Axis of the output channels in a layer's output: 1 for a conv (B, C, ...), -1 for a linear (..., C)."""
-    if isinstance(layer, nn.modules.conv._ConvNd):
+    """Axis of the output channels in a layer's output: 1 for a conv (B, C, ...), -1 for a linear (..., C).
+
+    qlab's quantized layers count as what they replace: QuantConv2d as a conv; QuantLinear and the
+    weight-only linears as linears.
+    """
+    from .nn import QuantConv2d, QuantLinear, WeightOnlyLinear
+
+    if isinstance(layer, (nn.modules.conv._ConvNd, QuantConv2d)):
         return 1
-    if isinstance(layer, nn.Linear):
+    if isinstance(layer, (nn.Linear, QuantLinear, WeightOnlyLinear)):
         return -1
     raise ValueError(f"bias correction needs a Conv or Linear layer (a bias per output channel), got {type(layer).__name__}")
 
@@ -100,7 +106,11 @@ def bias_correction_(
         eps = (mean_q - mean_fp).float()  # (C,)
         with torch.no_grad():
             if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros_like(eps, dtype=layer.weight.dtype))
-            layer.bias -= eps.to(layer.bias.dtype)
+                zeros = torch.zeros_like(eps, device=eps.device)
+                if "bias" in layer._buffers:  # qlab's quantized layers keep the bias as a float buffer
+                    layer.bias = zeros
+                else:
+                    layer.bias = nn.Parameter(zeros.to(layer.weight.dtype))
+            layer.bias -= eps.to(layer.bias.dtype).to(layer.bias.device)
         corrections[name] = eps
     return corrections

@@ -21,9 +21,9 @@ def test_single_layer_mean_output_matches_after_correction():
     batches = [torch.randn(64, 32, generator=g) + 1.0 for _ in range(4)]  # E[x] != 0 makes the error biased
     x = torch.cat(batches)
     with torch.no_grad():
-        expected = bias_correction_term(fp(x), q(x), axis=-1)  # E[W_q x] - E[W x]
+        expected = (q(x) - fp(x)).double().mean(dim=0)  # E[W_q x] - E[W x], per output channel, written out
         corrections = bias_correction_(fp, q, batches, ["0"], progress=False)
-        assert torch.allclose(corrections["0"], expected, atol=1e-5)
+        assert torch.allclose(corrections["0"].double(), expected, atol=1e-5)
         assert torch.allclose(channel_mean(q(x), -1), channel_mean(fp(x), -1), atol=1e-5)
         assert q[0].bias is not None and fp[0].bias is None
 
@@ -65,3 +65,20 @@ def test_bias_correction_errors():
         bias_correction_(fp, q, [torch.randn(2, 4)], ["1"])
     with pytest.raises(ValueError, match="same inputs"):
         bias_correction_term(torch.randn(2, 4), torch.randn(3, 4), -1)
+
+
+@pytest.mark.parametrize("config", [ql.Int8WeightOnlyConfig(), ql.Int4WeightOnlyConfig(group_size=16),
+                                    ql.Int8DynamicConfig()])
+def test_corrects_qlab_quantized_layers(config):
+    """The docstring's promise: qlab's own quantized layers (buffers, no Parameters) get corrected too."""
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Linear(32, 16, bias=False), nn.ReLU(), nn.Linear(16, 8))
+    q = ql.quantize_(copy.deepcopy(fp), config)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(64, 32, generator=g) + 1.0 for _ in range(4)]
+    x = torch.cat(batches)
+    with torch.no_grad():
+        before = (q(x) - fp(x)).mean(dim=0).abs().max()
+        bias_correction_(fp, q, batches, ["0", "2"], progress=False)
+        after = (q(x) - fp(x)).mean(dim=0).abs().max()
+    assert q[0].bias is not None and after < before / 2

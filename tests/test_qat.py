@@ -125,7 +125,7 @@ def test_fake_quant_linear_converts_to_an_equal_integer_layer():
     assert isinstance(model[0], QuantLinear) and model[0].weight_qtype == ql.qtype(4)
     with kernels.trace() as ran, torch.no_grad():
         real = model(x)
-    assert ran == [kernels.INT_MM_CPU] * 2
+    assert len(ran) == 2 and kernels.REFERENCE not in ran  # a real integer kernel, no float simulation
     torch.testing.assert_close(real, fake, rtol=1e-5, atol=1e-5)
 
 
