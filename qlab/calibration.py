@@ -92,6 +92,53 @@ def _first_tensor(value, name: str, where: str) -> torch.Tensor:
 
 
 @contextmanager
+def recording(
+    model: nn.Module, names: Sequence[str], make_stat: Callable[[], Callable], where: str = "input"
+) -> Iterator[dict[str, LayerStats]]:
+    """Feed the input and/or output of each named module to a fresh accumulator inside a `with` block.
+
+    An accumulator is anything with `__call__(x)`: an observer, a Hessian sum (GPTQ), a running mean of
+    |x| per channel (AWQ, SmoothQuant), an amax history (FP8). `make_stat()` is called once per watched
+    tensor. Yields {name: LayerStats(input=..., output=...)}; the accumulators keep their state afterwards.
+    """
+    _check_where(where)
+    names = list(names)
+    stats = {}
+    for name in names:
+        pair = [make_stat() if where in (w, "both") else None for w in ("input", "output")]
+        if not all(o is None or callable(o) for o in pair):
+            raise ValueError(f"make_stat must return a callable accumulator (stat(x) records x), got {pair}")
+        stats[name] = LayerStats(*pair)
+
+    def hook_for(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            if stats[name].input is not None:
+                stats[name].input(_first_tensor(args, name, "input"))
+            if stats[name].output is not None:
+                stats[name].output(_first_tensor(output, name, "output"))
+
+        return hook
+
+    with forward_hooks(model, {name: hook_for(name) for name in names}):
+        yield stats
+
+
+def record(
+    model: nn.Module,
+    names: Sequence[str],
+    make_stat: Callable[[], Callable],
+    calib_data: Iterable,
+    where: str = "input",
+    progress: bool = True,
+) -> dict[str, LayerStats]:
+    """Run calib_data through the model (eval mode, no gradients, progress bar) with an accumulator on
+    each named module: `{name: LayerStats}` of whatever make_stat() builds (see `recording`)."""
+    with recording(model, names, make_stat, where) as stats:
+        _run(model, calib_data, "record", progress)
+    return stats
+
+
+@contextmanager
 def observe(
     model: nn.Module,
     observer_factory: Callable[[], Observer] = MinMaxObserver,
@@ -111,28 +158,16 @@ def observe(
         {module name: LayerStats(input=observer or None, output=observer or None)}; the observers keep
         their statistics after the block ends.
     """
-    _check_where(where)
     names = list(module_names) if module_names is not None else layer_names(model, include)
-    stats = {}
-    for name in names:
-        pair = [observer_factory() if where in (w, "both") else None for w in ("input", "output")]
-        if not all(o is None or (callable(o) and hasattr(o, "calculate_qparams")) for o in pair):
-            raise ValueError(
-                "observer_factory must return an observer (callable, with calculate_qparams()), "
-                f"e.g. ql.HistogramObserver; got {pair}"
-            )
-        stats[name] = LayerStats(*pair)
 
-    def hook_for(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output) -> None:
-            if stats[name].input is not None:
-                stats[name].input(_first_tensor(args, name, "input"))
-            if stats[name].output is not None:
-                stats[name].output(_first_tensor(output, name, "output"))
+    def make_observer():
+        obs = observer_factory()
+        if not (callable(obs) and hasattr(obs, "calculate_qparams")):
+            raise ValueError("observer_factory must return an observer (callable, with calculate_qparams()), "
+                             f"e.g. ql.HistogramObserver; got {obs!r}")
+        return obs
 
-        return hook
-
-    with forward_hooks(model, {name: hook_for(name) for name in names}):
+    with recording(model, names, make_observer, where) as stats:
         yield stats
 
 

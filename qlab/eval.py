@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from tqdm.auto import tqdm
@@ -52,9 +54,15 @@ def perplexity(
         prev_end = end
         if end == data.numel() - 1:
             break
-    was_training = model.training
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
+    with evaluating(model):
+        _score_windows(model, data, windows, batch_size, progress, totals := [0.0, 0])
+    total_nll, total_tokens = totals
+    nll = total_nll / total_tokens
+    return {"nll": nll, "perplexity": math.exp(nll), "bits_per_token": nll / math.log(2), "tokens": total_tokens}
+
+
+def _score_windows(model, data, windows, batch_size: int, progress: bool, totals: list) -> None:
+    """Add the summed NLL and the number of scored tokens of every window to totals[0], totals[1]."""
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
         chunk = windows[i : i + batch_size]
         for T in sorted({e - s for s, e, _ in chunk}):  # the last window may be shorter
@@ -64,11 +72,19 @@ def perplexity(
             logp = torch.log_softmax(model(x).float(), dim=-1)  # (B, T, vocab)
             nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
             for row, (_, _, k) in enumerate(group):
-                total_nll += float(nll[row, max(k, 0) :].sum())
-                total_tokens += T - max(k, 0)
-    model.train(was_training)
-    nll = total_nll / total_tokens
-    return {"nll": nll, "perplexity": math.exp(nll), "bits_per_token": nll / math.log(2), "tokens": total_tokens}
+                totals[0] += float(nll[row, max(k, 0) :].sum())
+                totals[1] += T - max(k, 0)
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode inside the block; the model's training mode comes back afterwards, even if it raised."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -76,10 +92,9 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     """Top-1 accuracy of a classifier on inputs `x` (N, ...) and labels `y` (N,)."""
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} examples but y has {len(y)} labels")
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum()) for i in range(0, len(x), batch_size))
-    model.train(was_training)
+    with evaluating(model):
+        correct = sum(int((model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum())
+                      for i in range(0, len(x), batch_size))
     return correct / len(y)
 
 
@@ -171,3 +186,28 @@ def memory_bandwidth_gbps(nbytes: int = 256 * 2**20, repeats: int = 10, device: 
     dst = torch.empty_like(src)
     t = measure_latency(dst.copy_, src, warmup=2, repeats=repeats)["median_s"]
     return 2 * nbytes / t / 1e9
+
+
+def cpu_name() -> str:
+    """The CPU model: platform.processor() is often empty on Linux, so read /proc/cpuinfo first."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> str:
+    """One line that says where numbers were measured: CPU, cores, torch threads, torch and its CPU kernels."""
+    import os
+    import platform
+
+    from .kernels import cpu as cpu_kernels
+
+    return (f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores, {torch.get_num_threads()} torch "
+            f"thread(s), torch {torch.__version__}, CPU capability {cpu_kernels.capability()}")

@@ -94,7 +94,17 @@ class Observer(nn.Module):
                 f"activation scales depend on the input, so choose them at run time with ql.choose_qparams"
             )
         self.qtype, self.granularity, self.symmetric = qtype, granularity, bool(symmetric)
-        self.num_batches = 0
+        # statistics are buffers from the start, so a calibrated observer round-trips through state_dict
+        self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
+        self.register_buffer("min_val", None)  # () or (C,), set by the first batch (range observers)
+        self.register_buffer("max_val", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name, current in list(self._buffers.items()):  # take the saved shapes: (C,) is known only after data
+            saved = state_dict.get(prefix + name)
+            if saved is not None and (current is None or current.shape != saved.shape):
+                self._buffers[name] = saved.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Accumulate statistics of `x`; return `x` unchanged (so an observer can sit inside a forward)."""
@@ -102,12 +112,11 @@ class Observer(nn.Module):
         if x.numel() == 0:
             raise ValueError(f"{type(self).__name__} got an empty tensor of shape {tuple(x.shape)}")
         s = slices(x.detach().float(), self.granularity)  # (N,) per tensor, (C, N) per channel
-        if self.num_batches and s.shape[:-1] != self._qparam_shape:
+        if self.num_batches and self.min_val is not None and s.shape[:-1] != self.min_val.shape:
             raise ValueError(
-                f"{type(self).__name__} saw {self._qparam_shape[0]} channels before and {s.shape[0]} now; "
+                f"{type(self).__name__} saw {self.min_val.shape[0] if self.min_val.dim() else 1} channels before and {s.shape[0]} now; "
                 f"one observer watches one tensor (check {self.granularity!r} and the input's shape)"
             )
-        self._qparam_shape = s.shape[:-1]
         self._observe(s)
         self.num_batches += 1
         return x
@@ -204,7 +213,7 @@ class PercentileObserver(Observer):
         else:
             lo, hi = percentile(s, 100.0 - self.percentile), percentile(s, self.percentile)
         if self.num_batches:  # running mean of the per-batch percentiles
-            n = self.num_batches
+            n = int(self.num_batches)
             lo, hi = (self.min_val * n + lo) / (n + 1), (self.max_val * n + hi) / (n + 1)
         self.register_buffer("min_val", lo)
         self.register_buffer("max_val", hi)

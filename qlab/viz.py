@@ -66,3 +66,19 @@ def error_vs_bits(
     ax.grid(alpha=0.3)
     ax.legend()
     return table
+
+
+def table(header: list[str], rows: list[list]) -> None:
+    """Show rows as a Markdown table in a notebook (plain text elsewhere)."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+
+        if get_ipython() is not None:
+            display(Markdown("\n".join(lines)))
+            return
+    except ImportError:
+        pass
+    print("\n".join(lines))

@@ -75,3 +75,16 @@ def test_viz_helpers_draw(tmp_path):
     assert table["per-tensor"][1] > table["per-tensor"][0]
     with pytest.raises(ValueError, match="tokens, channels"):
         ql.viz.outlier_heatmap(torch.randn(2, 3, 4))
+
+
+def test_evaluation_restores_training_mode_even_when_the_model_raises():
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    for run in (lambda m: ql.eval.accuracy(m, torch.zeros(2, 3), torch.zeros(2)),
+                lambda m: ql.eval.perplexity(m, torch.zeros(64, dtype=torch.long), block_size=16)):
+        model = Broken().train()
+        with pytest.raises(RuntimeError, match="boom"):
+            run(model)
+        assert model.training

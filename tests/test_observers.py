@@ -341,3 +341,20 @@ def test_mse_observer_bounded_memory_still_tracks_exact_range():
     assert sum(s.numel() for s in obs.samples) == 3000
     assert float(obs.max_val) == max(float(x.max()) for x in xs)
     assert float(obs.calculate_qparams()[0]) <= max(float(x.abs().max()) for x in xs) / 127 + 1e-9
+
+
+@pytest.mark.parametrize("make", [lambda: ql.MinMaxObserver(granularity=ql.PerChannel(0)), lambda: ql.HistogramObserver(),
+                                  lambda: ql.PercentileObserver(percentile=99.0), lambda: ql.MovingAverageMinMaxObserver()])
+def test_a_calibrated_observer_round_trips_through_state_dict(make):
+    torch.manual_seed(0)
+    obs = make()
+    for _ in range(3):
+        obs(torch.randn(4, 64) * 3)
+    fresh = make()
+    fresh.load_state_dict(obs.state_dict())
+    assert int(fresh.num_batches) == 3
+    for a, b in zip(obs.calculate_qparams(), fresh.calculate_qparams()):
+        assert torch.equal(a, b)
+    x = torch.randn(4, 64)  # and it keeps observing where the original left off
+    obs(x), fresh(x)
+    assert torch.equal(obs.calculate_qparams()[0], fresh.calculate_qparams()[0])
