@@ -168,11 +168,12 @@ def test_a_torch_without_quantized_ops_falls_back_cleanly(monkeypatch):
         torch.testing.assert_close(y, layer(x))
 
 
-def test_weight_only_kernels_are_chosen_by_row_count():
+def test_weight_only_kernels_are_chosen_by_layout_and_device():
     qt = ql.quantize_tensor(torch.randn(64, 256), ql.uint4, ql.PerGroup(64), symmetric=False)
-    small, large = torch.randn(cpu.SMALL_M, 256), torch.randn(cpu.SMALL_M + 1, 256)
-    assert kernels.choose("linear_weight_only", small, qt, KernelCache()).name == cpu.INT4PACK
-    assert kernels.choose("linear_weight_only", large, qt, KernelCache()).name == kernels.REFERENCE
+    for M in (1, 300):  # the reference dequantizes per call: slower than the aten kernel at every M here
+        assert kernels.choose("linear_weight_only", torch.randn(M, 256), qt, KernelCache()).name == cpu.INT4PACK
+    odd = ql.quantize_tensor(torch.randn(40, 256), ql.uint4, ql.PerGroup(64), symmetric=False)  # N % 16 != 0
+    assert kernels.choose("linear_weight_only", torch.randn(2, 256), odd, KernelCache()).name == kernels.REFERENCE
 
 
 def test_int4pack_layout_is_derived_once_and_never_saved():

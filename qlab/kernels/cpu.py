@@ -11,8 +11,9 @@ Why bf16 activations: with fp32 activations both aten weight-only kernels take a
 than FP32 `F.linear`; with bf16 they vectorize. x is cast to bf16 (8 significant bits: relative rounding
 error <= 2^-9 per element), the kernel accumulates in fp32 and returns bf16, which is cast back; the
 measured effect on a 4096-wide layer is a relative output error of about 3e-3 against the fp32 reference
-(`tolerance` below bounds it, tests/test_kernels.py checks it). They are chosen only for M <= SMALL_M rows:
-at large M they lose to the FP32 GEMM (bench/linear.py shows the crossover).
+(`tolerance` below bounds it, tests/test_kernels.py checks it). They are chosen at every M: at large M they
+lose to the FP32 GEMM (0.3-0.96x, bench/linear.py shows the crossover), but the only alternative here, the
+reference, dequantizes the whole weight on every call and is slower still (0.13-0.34x FP32 at M >= 64).
 
 fbgemm's u8s8 kernel on AVX2 without VNNI multiplies pairs with `vpmaddubsw`, whose int16 sums saturate for
 8-bit activations: there, only 7-bit activation codes (`reduce_range`, relative error about 0.022 instead
@@ -41,7 +42,6 @@ FBGEMM = "fbgemm (cpu)"
 INT8PACK = "aten int8pack, bf16 (cpu)"
 INT4PACK = "aten int4pack, bf16 (cpu)"
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-SMALL_M = 32  # weight-only aten kernels beat the FP32 GEMM up to about this many rows
 
 
 # ----------------------------------------------------------------------------- what this CPU can do
@@ -149,7 +149,7 @@ def fbgemm_linear(x, w_q, w_scale, act, cache=None) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- aten weight-only kernels
 def _small_cpu_float(x) -> bool:
-    return _cpu(x) and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16) and x.shape[0] <= SMALL_M
+    return _cpu(x) and x.dim() == 2 and x.dtype in (torch.float32, torch.bfloat16)
 
 
 def int8pack_supported(x, qt, cache=None) -> bool:
