@@ -102,7 +102,7 @@ def main() -> None:
     summary = {}
     for threads in args.threads:
         torch.set_num_threads(threads)
-        bw = ql.eval.memory_bandwidth_gbps()
+        bw = ql.eval.memory_bandwidth_gbps(kind="read")
         print(f"\n=== {threads} thread(s); DRAM read bandwidth measured now: {bw:.1f} GB/s ===")
         header = f"{'variant':40s} {'MB':>6s} " + " ".join(f"{'M=' + str(m) + ' ms':>10s} {'x fp32':>6s}" for m in args.rows)
         print(header + f" {'M=1 cold':>9s} {'floor':>6s} {'x floor':>7s}  kernel (M=1 / M={args.rows[-1]})")

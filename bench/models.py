@@ -52,7 +52,7 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {args.threads} threads, torch {torch.__version__}")
 
     gpt = ql.models.tiny_gpt(pretrained=True)
-    tokens = ql.data.lm_calibration_batches(1, batch_size=8, block_size=128)[0]
+    tokens = ql.data.lm_calibration_batches(1, batch_size=8, seq_len=128)[0]
     mini = ql.models.minilm()
     batch = mini.tokenize(["The quick brown fox jumps over the lazy dog."] * 16)
     cnn = ql.models.digits_cnn(pretrained=True)

@@ -171,6 +171,33 @@ def observe(
         yield stats
 
 
+@contextmanager
+def simulate(
+    model: nn.Module,
+    layer_names: Sequence[str],
+    weight_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[nn.Module]:
+    """Float simulation of a quantized model: inside the block each named layer computes with
+    weight_fn(W) (e.g. `lambda w: ql.fake_quantize(w, ql.int8, ql.PerChannel(0))`) and sees input_fn(x)
+    as its first input; the weights are restored on exit, even if the block raises.
+    """
+    modules = _check_names(model, list(layer_names))
+    saved = {n: m.weight.detach().clone() for n, m in modules.items()}
+    try:
+        if weight_fn is not None:
+            with torch.no_grad():
+                for m in modules.values():
+                    m.weight.copy_(weight_fn(m.weight))
+        hooks = {n: (lambda mod, args: (input_fn(args[0]), *args[1:])) for n in modules} if input_fn else {}
+        with forward_hooks(model, hooks, pre=True):
+            yield model
+    finally:
+        with torch.no_grad():
+            for n, m in modules.items():
+                m.weight.copy_(saved[n])
+
+
 def run_batch(model: nn.Module, batch) -> None:
     """model(batch), model(*batch) or model(**batch) for a tensor, a tuple/list or a dict of inputs."""
     if isinstance(batch, dict):

@@ -36,24 +36,24 @@ def pydoc_corpus(split: str = "train") -> torch.Tensor:
 
 
 def lm_batch(
-    data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator
+    data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of `data`: inputs x (B, T) and next-byte targets y (B, T), int64."""
-    if data.numel() <= block_size + 1:
-        raise ValueError(f"data has {data.numel()} tokens; need more than block_size + 1 = {block_size + 1}")
-    starts = torch.randint(0, data.numel() - block_size - 1, (batch_size,), generator=generator)
-    x = torch.stack([data[s : s + block_size] for s in starts.tolist()]).long()  # (B, T)
-    y = torch.stack([data[s + 1 : s + 1 + block_size] for s in starts.tolist()]).long()  # (B, T)
+    if data.numel() <= seq_len + 1:
+        raise ValueError(f"data has {data.numel()} tokens; need more than seq_len + 1 = {seq_len + 1}")
+    starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=generator)
+    x = torch.stack([data[s : s + seq_len] for s in starts.tolist()]).long()  # (B, T)
+    y = torch.stack([data[s + 1 : s + 1 + seq_len] for s in starts.tolist()]).long()  # (B, T)
     return x, y
 
 
 def lm_calibration_batches(
-    n_batches: int = 8, batch_size: int = 8, block_size: int = 128, seed: int = 0
+    n_batches: int = 8, batch_size: int = 8, seq_len: int = 128, seed: int = 0
 ) -> list[torch.Tensor]:
     """Deterministic calibration inputs for the Tiny GPT: `n_batches` tensors (B, T) of training bytes."""
     g = torch.Generator().manual_seed(seed)
     data = pydoc_corpus("train")
-    return [lm_batch(data, batch_size, block_size, g)[0] for _ in range(n_batches)]
+    return [lm_batch(data, batch_size, seq_len, g)[0] for _ in range(n_batches)]
 
 
 def digits_split(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

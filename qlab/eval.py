@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 def perplexity(
     model: torch.nn.Module,
     data: torch.Tensor,
-    block_size: int | None = None,
+    seq_len: int | None = None,
     stride: int | None = None,
     batch_size: int = 16,
     max_tokens: int | None = None,
@@ -22,11 +22,11 @@ def perplexity(
 ) -> dict[str, float]:
     """Perplexity of a causal LM on a 1-D token tensor, with a sliding window.
 
-    Protocol (the one Hugging Face documents for fixed-length models): windows of `block_size` tokens
+    Protocol (the one Hugging Face documents for fixed-length models): windows of `seq_len` tokens
     start every `stride` tokens; in each window only the tokens not already scored by the previous window
-    count (the last `block_size - stride` context tokens are free), so every token after the first is
-    scored exactly once with at least `block_size - stride` tokens of context (except near the start).
-    `stride = block_size` is the fast, context-starved variant; the default is `block_size // 2`.
+    count (the last `seq_len - stride` context tokens are free), so every token after the first is
+    scored exactly once with at least `seq_len - stride` tokens of context (except near the start).
+    `stride = seq_len` is the fast, context-starved variant; the default is `seq_len // 2`.
 
     The model must map (B, T) int64 tokens to (B, T, vocab) logits.
 
@@ -34,13 +34,14 @@ def perplexity(
         {"nll": mean nats per token, "perplexity": exp(nll), "bits_per_token": nll / ln 2, "tokens": count}.
         For byte-level models bits_per_token is bits-per-byte.
     """
-    if block_size is None:
-        block_size = getattr(getattr(model, "config", None), "block_size", None)
-        if block_size is None:
-            raise ValueError("pass block_size=...: the model has no config.block_size")
-    stride = stride or block_size // 2
-    if not 0 < stride <= block_size:
-        raise ValueError(f"stride={stride} must be in (0, block_size={block_size}]")
+    if seq_len is None:
+        config = getattr(model, "config", None)
+        seq_len = getattr(config, "seq_len", None) or getattr(config, "block_size", None)  # nanoGPT's name
+        if seq_len is None:
+            raise ValueError("pass seq_len=...: the model has no config.seq_len (or nanoGPT's config.block_size)")
+    stride = stride or seq_len // 2
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride={stride} must be in (0, seq_len={seq_len}]")
     data = data.reshape(-1).long()
     if max_tokens is not None:
         data = data[: max_tokens + 1]
@@ -49,7 +50,7 @@ def perplexity(
     # (start, first scored position inside the window) for every window
     windows, prev_end = [], 0
     for start in range(0, data.numel() - 1, stride):
-        end = min(start + block_size, data.numel() - 1)
+        end = min(start + seq_len, data.numel() - 1)
         windows.append((start, end, prev_end - start))  # score positions >= prev_end
         prev_end = end
         if end == data.numel() - 1:
@@ -176,16 +177,28 @@ def throughput(fn, items_per_call: int, *args, **kwargs) -> float:
     return items_per_call / measure_latency(fn, *args, **kwargs)["median_s"]
 
 
-def memory_bandwidth_gbps(nbytes: int = 256 * 2**20, repeats: int = 10, device: str = "cpu") -> float:
-    """Measured memory bandwidth in GB/s: a large tensor copy reads and writes `nbytes` each.
+def memory_bandwidth_gbps(nbytes: int = 256 * 2**20, repeats: int = 10, device: str = "cpu",
+                          kind: str = "copy") -> float:
+    """Measured memory bandwidth in GB/s over a buffer much larger than the last-level cache.
 
-    This is the number a memory-bound kernel (a batch-1 GEMV in LLM decoding) can at best reach;
-    the roofline plots use it. The buffer must be much larger than the last-level cache.
+    kind="copy": a tensor copy reads and writes `nbytes` each (2 * nbytes moved); kind="read": a sum
+    reads `nbytes` once. A batch-1 GEMV only reads its weight, so `read` gives its floor: bytes / read GB/s.
     """
+    if kind not in ("copy", "read"):
+        raise ValueError(f"kind={kind!r} must be 'copy' (read + write) or 'read' (a sum over the buffer)")
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    if kind == "read":
+        t = measure_latency(torch.sum, src, warmup=2, repeats=repeats)["median_s"]
+        return nbytes / t / 1e9
     dst = torch.empty_like(src)
     t = measure_latency(dst.copy_, src, warmup=2, repeats=repeats)["median_s"]
     return 2 * nbytes / t / 1e9
+
+
+def median_ms(fn, *args, warmup: int = 1, repeats: int = 5, **kwargs) -> float:
+    """Median milliseconds per call of fn(*args, **kwargs) under torch.inference_mode (see measure_latency)."""
+    with torch.inference_mode():
+        return 1e3 * measure_latency(fn, *args, warmup=warmup, repeats=repeats, **kwargs)["median_s"]
 
 
 def cpu_name() -> str:

@@ -180,3 +180,18 @@ def test_record_accepts_any_accumulator_such_as_a_hessian():
     torch.testing.assert_close(stats["2"].input.H, inputs.t() @ inputs)
     assert stats["2"].input.n == 15 and stats["2"].output is None
     assert no_hooks(model)
+
+
+def test_simulate_replaces_weights_and_inputs_then_restores_them():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    w0 = model[0].weight.detach().clone()
+    x = torch.randn(3, 8)
+    with ql.calibration.simulate(model, ["0"], weight_fn=lambda w: 2 * w, input_fn=lambda v: v + 1):
+        y = model(x)
+    torch.testing.assert_close(y, (x + 1) @ (2 * w0).t() + model[0].bias)
+    assert torch.equal(model[0].weight, w0) and no_hooks(model)
+    with pytest.raises(RuntimeError):
+        with ql.calibration.simulate(model, ["0"], weight_fn=lambda w: 0 * w):
+            raise RuntimeError("inside")
+    assert torch.equal(model[0].weight, w0)

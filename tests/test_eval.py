@@ -52,9 +52,20 @@ def test_measure_latency_reports_a_median():
     assert out["min_s"] <= out["median_s"] <= out["max_s"]
 
 
-def test_memory_bandwidth_is_plausible():
-    gbps = ql.eval.memory_bandwidth_gbps(nbytes=64 * 2**20, repeats=3)
-    assert 0.5 < gbps < 5000
+def test_memory_bandwidth_counts_the_bytes_moved(monkeypatch):
+    """GB/s = bytes moved / median time: a copy moves 2 * nbytes, a sum reads nbytes (timer fixed at 10 ms)."""
+    seen = []
+
+    def fake_latency(fn, *args, warmup, repeats):
+        seen.append(fn)
+        return {"median_s": 0.01}
+
+    monkeypatch.setattr(ql.eval, "measure_latency", fake_latency)
+    assert ql.eval.memory_bandwidth_gbps(nbytes=2**20, repeats=2) == pytest.approx(2 * 2**20 / 0.01 / 1e9)
+    assert ql.eval.memory_bandwidth_gbps(nbytes=2**20, repeats=2, kind="read") == pytest.approx(2**20 / 0.01 / 1e9)
+    assert seen[1] is torch.sum
+    with pytest.raises(ValueError, match="kind='write'"):
+        ql.eval.memory_bandwidth_gbps(kind="write")
 
 
 def test_viz_helpers_draw(tmp_path):
@@ -83,7 +94,7 @@ def test_evaluation_restores_training_mode_even_when_the_model_raises():
             raise RuntimeError("boom")
 
     for run in (lambda m: ql.eval.accuracy(m, torch.zeros(2, 3), torch.zeros(2)),
-                lambda m: ql.eval.perplexity(m, torch.zeros(64, dtype=torch.long), block_size=16)):
+                lambda m: ql.eval.perplexity(m, torch.zeros(64, dtype=torch.long), seq_len=16)):
         model = Broken().train()
         with pytest.raises(RuntimeError, match="boom"):
             run(model)

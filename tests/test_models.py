@@ -87,11 +87,11 @@ class CountingLM(torch.nn.Module):
         return self.table[idx]  # (B, T, V): depends on the current token only
 
 
-@pytest.mark.parametrize("block_size,stride", [(8, 8), (8, 4), (8, 3), (16, 1)])
-def test_perplexity_scores_every_token_once(block_size, stride):
+@pytest.mark.parametrize("seq_len,stride", [(8, 8), (8, 4), (8, 3), (16, 1)])
+def test_perplexity_scores_every_token_once(seq_len, stride):
     lm = CountingLM()
     data = torch.randint(0, 7, (101,), generator=torch.Generator().manual_seed(1))
-    out = ql.eval.perplexity(lm, data, block_size=block_size, stride=stride, batch_size=3, progress=False)
+    out = ql.eval.perplexity(lm, data, seq_len=seq_len, stride=stride, batch_size=3, progress=False)
     exact = -float(lm.table[data[:-1], data[1:]].mean())  # naive: every next-token log-prob once
     assert out["tokens"] == 100
     assert out["nll"] == pytest.approx(exact, rel=1e-6)  # float32 log-probs

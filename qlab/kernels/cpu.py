@@ -141,7 +141,7 @@ def fbgemm_linear(x, w_q, w_scale, act, cache=None) -> torch.Tensor:
         zp = z + 128 if act.qtype.signed else z
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, scale, zp, packed)
     reduce_range = act.qtype.bits == 7
-    if act.granularity == PerToken():  # per-token scales on a per-tensor kernel: normalise each row
+    if act.granularity == PerToken() and x.shape[0] > 1:  # per-token scales on a per-tensor kernel: normalise rows
         r = x.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)  # (M, 1)
         return torch.ops.quantized.linear_dynamic(x / r, packed, reduce_range) * r
     return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
