@@ -12,9 +12,21 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: book test release clean venv
+NATIVE := qlab/kernels/_qlab_cpu.so
+CC     ?= gcc
 
-venv: $(STAMP)
+.PHONY: book test release clean venv native
+
+venv: $(STAMP) native
+
+# qlab's own C kernels (qlab/kernels/csrc): optional. Without a C compiler the build says so and every
+# layer runs on torch's kernels instead (qlab.kernels.native.available() is False).
+native: $(NATIVE)
+
+$(NATIVE): qlab/kernels/csrc/qlab_cpu.c
+	@$(CC) -O3 -fopenmp -fPIC -shared -o $@ $< 2>/dev/null \
+	  || $(CC) -O3 -fPIC -shared -o $@ $< \
+	  || echo "qlab: C kernels not built (no working C compiler); torch's kernels will be used"
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c 'import sys; v=sys.version_info; sys.exit(0 if v >= (3, 11) else "QLab needs Python >= 3.11, found %d.%d: run make PYTHON=python3.11 ..." % v[:2])'
@@ -29,12 +41,12 @@ $(STAMP): requirements.lock pyproject.toml
 release: $(STAMP)
 	$(PY) -m labs.release
 
-book: $(STAMP) release
+book: $(STAMP) native release
 	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going
 	@echo "Book built: _build/html/index.html"
 
-test: $(STAMP)
+test: $(STAMP) native
 	$(PY) -m pytest
 
 clean:
-	rm -rf _build labs/release
+	rm -rf _build labs/release $(NATIVE)

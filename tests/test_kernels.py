@@ -6,7 +6,7 @@ import torch
 
 import qlab as ql
 from qlab import kernels
-from qlab.kernels import ActQuant, KernelCache, cpu, reference
+from qlab.kernels import ActQuant, KernelCache, cpu, native, reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -170,8 +170,9 @@ def test_a_torch_without_quantized_ops_falls_back_cleanly(monkeypatch):
 
 def test_weight_only_kernels_are_chosen_by_layout_and_device():
     qt = ql.quantize_tensor(torch.randn(64, 256), ql.uint4, ql.PerGroup(64), symmetric=False)
-    for M in (1, 300):  # the reference dequantizes per call: slower than the aten kernel at every M here
-        assert kernels.choose("linear_weight_only", torch.randn(M, 256), qt, KernelCache()).name == cpu.INT4PACK
+    assert kernels.choose("linear_weight_only", torch.randn(1, 256), qt, KernelCache()).name == cpu.INT4PACK
+    many = kernels.choose("linear_weight_only", torch.randn(300, 256), qt, KernelCache()).name
+    assert many == (native.DEQUANT_GEMM if native.available() else cpu.INT4PACK)  # the reference is slower at any M
     odd = ql.quantize_tensor(torch.randn(40, 256), ql.uint4, ql.PerGroup(64), symmetric=False)  # N % 16 != 0
     assert kernels.choose("linear_weight_only", torch.randn(2, 256), odd, KernelCache()).name == kernels.REFERENCE
 
@@ -251,3 +252,32 @@ def test_int_mm_cuda_matches_reference_and_falls_back_for_small_m():
     assert ran == [kernels.INT_MM_CUDA, kernels.REFERENCE]
     assert torch.equal(c.cpu(), reference.int_mm(a.cpu(), w.t().cpu()))
     assert torch.equal(small.cpu(), c[:1].cpu())
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason="qlab's C kernels were not built (make native)")
+
+
+@needs_native
+@pytest.mark.parametrize("qtype,granularity,symmetric", [
+    (ql.int8, ql.PerChannel(0), True), (ql.int8, ql.PerTensor(), True), (ql.uint4, ql.PerGroup(32), False),
+    (ql.int4, ql.PerGroup(64), True), (ql.int4, ql.PerGroup(8), False),  # 8: the portable loop inside the C code
+])
+def test_c_dequantization_is_exact(qtype, granularity, symmetric):
+    """The C kernel's rows equal torch's dequantize bit for bit in fp32, and torch's bf16 rounding in bf16."""
+    g = torch.Generator().manual_seed(7)
+    qt = ql.quantize_tensor(torch.randn(40, 128, generator=g), qtype, granularity, symmetric)
+    ref = qt.dequantize()
+    assert torch.equal(native.dequantize_rows(qt, 0, 40, torch.float32), ref)
+    assert torch.equal(native.dequantize_rows(qt, 8, 24, torch.float32), ref[8:24])
+    assert torch.equal(native.dequantize_rows(qt, 0, 40, torch.bfloat16), ref.bfloat16())
+
+
+def test_without_the_c_library_everything_runs_on_torch_kernels(monkeypatch):
+    monkeypatch.setattr(native, "library", lambda: None)
+    layer = ql.Int4WeightOnlyLinear.from_float(torch.nn.Linear(256, 64), group_size=64)
+    x = torch.randn(40, 256)
+    with kernels.trace() as ran:
+        y = layer(x)
+    assert ran == [cpu.INT4PACK]
+    with kernels.disable(*kernels.fast_only()):
+        torch.testing.assert_close(y, layer(x), rtol=0.05, atol=0.05)

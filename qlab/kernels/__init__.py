@@ -158,7 +158,7 @@ def fast_only(*ops_: str) -> list[str]:
 
 # The ops and their kernels register on import: the reference first (lowest priority), then fast paths.
 from . import reference  # noqa: E402
-from . import cpu, cuda  # noqa: E402
+from . import cpu, cuda, native  # noqa: E402
 from .reference import ActQuant  # noqa: E402
 
 
@@ -173,5 +173,5 @@ INT_MM_CUDA = cuda.INT_MM
 
 __all__ = [
     "Kernel", "KernelCache", "ActQuant", "register", "registered", "ops", "choose", "call", "run", "trace",
-    "disable", "fast_only", "int_mm", "REFERENCE", "INT_MM_CPU", "INT_MM_CUDA", "reference", "cpu", "cuda",
+    "disable", "fast_only", "int_mm", "REFERENCE", "INT_MM_CPU", "INT_MM_CUDA", "reference", "cpu", "cuda", "native",
 ]
