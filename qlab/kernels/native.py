@@ -87,11 +87,14 @@ def dequant_gemm(x, qt, cache=None) -> torch.Tensor:
     N, K = qt.shape
     dtype = torch.bfloat16 if cpu.has_native_bf16() else torch.float32
     xt = x.to(dtype).t()  # (K, M)
-    yt = torch.empty(N, x.shape[0], dtype=dtype)  # (N, M): tiles of rows are contiguous slices
     rows = max(16, TILE_BYTES // (K * (2 if dtype == torch.bfloat16 else 4)))
-    for n0 in range(0, N, rows):
-        n1 = min(N, n0 + rows)
-        torch.mm(dequantize_rows(qt, n0, n1, dtype), xt, out=yt[n0:n1])
+    tiles = [(n0, min(N, n0 + rows)) for n0 in range(0, N, rows)]
+    if torch.is_grad_enabled() and x.requires_grad:  # autograd through x: plain matmuls, concatenated
+        yt = torch.cat([dequantize_rows(qt, n0, n1, dtype) @ xt for n0, n1 in tiles])
+    else:
+        yt = torch.empty(N, x.shape[0], dtype=dtype)  # (N, M): each tile of rows is a contiguous slice
+        for n0, n1 in tiles:
+            torch.mm(dequantize_rows(qt, n0, n1, dtype), xt, out=yt[n0:n1])
     return yt.t().to(x.dtype)
 
 
