@@ -22,7 +22,8 @@ codes it chose; `from_float(module, ...)` is `from_qtensor(ql.quantize_tensor(mo
 What a module saves (`state_dict`) is the canonical layout only: codes (packed in qlab's order for < 8 bits),
 scale, zero point, bias and static activation qparams. A kernel's own layout (fbgemm's prepacked weight,
 the tinygemm int4 layout) is derived on first use per device and kept in a KernelCache that is never
-saved, so a checkpoint loads the same on any machine and any kernel.
+saved, so a checkpoint loads the same on any machine and any kernel. The cache is dropped by
+`load_state_dict` and by `.to()`; code that edits the buffers in place must call `layer._kernel_cache.clear()`.
 """
 
 from __future__ import annotations

@@ -129,16 +129,23 @@ def fbgemm_supported(x, w_q, w_scale, act, cache=None) -> bool:
     return bits_ok and has_quantized_op("linear_dynamic")
 
 
+def _static_args(act) -> tuple[float, int, float, float]:
+    """fbgemm's (scale, quint8 zero point) and the clamp range of qlab's codes, as Python numbers."""
+    qmin, qmax = act.qtype.qmin, act.qtype.qmax
+    if act.qtype.signed:
+        qmin = -qmax  # qlab's restricted symmetric range
+    z, scale = int(act.zero_point), float(act.scale)
+    return scale, z + 128 if act.qtype.signed else z, (qmin - z) * scale, (qmax - z) * scale
+
+
 def fbgemm_linear(x, w_q, w_scale, act, cache=None) -> torch.Tensor:
     packed = cache.get_packed(KERNELS[FBGEMM], x.device, w_q, w_scale)
     if act.static:  # fbgemm takes quint8 codes: an int8 code c is the quint8 code c + 128
-        qmin, qmax = act.qtype.qmin, act.qtype.qmax
-        if act.qtype.signed:
-            qmin = -qmax  # qlab's restricted symmetric range
-        z = int(act.zero_point)
-        scale = float(act.scale)
-        x = x.clamp((qmin - z) * scale, (qmax - z) * scale)  # the codes outside the type's range clamp here
-        zp = z + 128 if act.qtype.signed else z
+        key = (FBGEMM + " static qparams", id(act.scale), id(act.zero_point))
+        if key not in cache:
+            cache[key] = _static_args(act)
+        scale, zp, lo, hi = cache[key]
+        x = x.clamp(lo, hi)  # the codes outside the type's range clamp here
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, scale, zp, packed)
     reduce_range = act.qtype.bits == 7
     if act.granularity == PerToken() and x.shape[0] > 1:  # per-token scales on a per-tensor kernel: normalise rows
