@@ -24,8 +24,8 @@ venv: $(STAMP) native
 native: $(NATIVE)
 
 $(NATIVE): qlab/kernels/csrc/qlab_cpu.c
-	@$(CC) -O3 -fopenmp -fPIC -shared -o $@ $< 2>/dev/null \
-	  || $(CC) -O3 -fPIC -shared -o $@ $< \
+	@($(CC) -O3 -fopenmp -fPIC -shared -o $@.tmp $< 2>/dev/null || $(CC) -O3 -fPIC -shared -o $@.tmp $<) \
+	  && mv -f $@.tmp $@ \
 	  || echo "qlab: C kernels not built (no working C compiler); torch's kernels will be used"
 
 $(STAMP): requirements.lock pyproject.toml

@@ -29,6 +29,23 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+#ifdef QLAB_X86
+/* Store 16 floats (two vectors) as fp32, or as bf16 rounded to nearest even (the upper 16 bits). */
+__attribute__((target("avx2,fma")))
+static inline void store16_avx2(__m256 w0, __m256 w1, float *out_f, uint16_t *out_b) {
+    if (out_f) {
+        _mm256_storeu_ps(out_f, w0);
+        _mm256_storeu_ps(out_f + 8, w1);
+        return;
+    }
+    const __m256i r = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+    __m256i u0 = _mm256_castps_si256(w0), u1 = _mm256_castps_si256(w1);
+    u0 = _mm256_srli_epi32(_mm256_add_epi32(u0, _mm256_add_epi32(r, _mm256_and_si256(_mm256_srli_epi32(u0, 16), one))), 16);
+    u1 = _mm256_srli_epi32(_mm256_add_epi32(u1, _mm256_add_epi32(r, _mm256_and_si256(_mm256_srli_epi32(u1, 16), one))), 16);
+    _mm256_storeu_si256((__m256i *)out_b, _mm256_permute4x64_epi64(_mm256_packus_epi32(u0, u1), 0xD8));
+}
+#endif
+
 /* ---------------------------------------------------------------- int4 (per group) */
 static void dq4_row_scalar(const uint8_t *p, const float *s, const int32_t *z, int K, int g, int is_signed,
                            float *out_f, uint16_t *out_b) {
@@ -56,8 +73,7 @@ static void dq4_row_avx2(const uint8_t *p, const float *s, const int32_t *z, int
         /* w = (c - z) * s, with c = u - 8 for signed nibbles (u = c + 8 after xor 8): fold into one offset */
         const float off = (float)((z ? z[grp] : 0) + (is_signed ? 8 : 0));
         const __m256 vneg = _mm256_set1_ps(-off);
-        int k = k0;
-        for (; k + 16 <= k0 + g; k += 16) {
+        for (int k = k0; k < k0 + g; k += 16) {
             __m128i b = _mm_loadl_epi64((const __m128i *)(p + (k >> 1)));         /* 8 bytes */
             if (is_signed) b = _mm_xor_si128(b, _mm_set1_epi8((char)0x88));          /* c -> c + 8 */
             __m128i lo = _mm_and_si128(b, _mm_set1_epi8(0x0F));
@@ -67,24 +83,7 @@ static void dq4_row_avx2(const uint8_t *p, const float *s, const int32_t *z, int
             __m256i c1 = _mm256_cvtepu8_epi32(_mm_srli_si128(codes, 8));
             __m256 w0 = _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(c0), vneg), vs);
             __m256 w1 = _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(c1), vneg), vs);
-            if (out_f) {
-                _mm256_storeu_ps(out_f + k, w0);
-                _mm256_storeu_ps(out_f + k + 8, w1);
-            } else {
-                /* bf16 = upper 16 bits after rounding to nearest even */
-                __m256i u0 = _mm256_castps_si256(w0), u1 = _mm256_castps_si256(w1);
-                const __m256i r = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
-                u0 = _mm256_srli_epi32(_mm256_add_epi32(u0, _mm256_add_epi32(r, _mm256_and_si256(_mm256_srli_epi32(u0, 16), one))), 16);
-                u1 = _mm256_srli_epi32(_mm256_add_epi32(u1, _mm256_add_epi32(r, _mm256_and_si256(_mm256_srli_epi32(u1, 16), one))), 16);
-                __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(u0, u1), 0xD8);
-                _mm256_storeu_si256((__m256i *)(out_b + k), packed);
-            }
-        }
-        for (; k < k0 + g; k++) {  /* a group that is not a multiple of 16 */
-            int u = (p[k >> 1] >> ((k & 1) * 4)) & 0xF;
-            int c = is_signed ? ((u ^ 8) - 8) : u;
-            float w = (float)(c - (z ? z[grp] : 0)) * s[grp];
-            if (out_f) out_f[k] = w; else out_b[k] = f32_to_bf16(w);
+            store16_avx2(w0, w1, out_f ? out_f + k : 0, out_b ? out_b + k : 0);
         }
     }
 }
@@ -125,16 +124,7 @@ static void dq8_row_avx2(const int8_t *q, float s, int K, float *out_f, uint16_t
         __m128i b = _mm_loadu_si128((const __m128i *)(q + k));
         __m256 w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), vs);
         __m256 w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), vs);
-        if (out_f) {
-            _mm256_storeu_ps(out_f + k, w0);
-            _mm256_storeu_ps(out_f + k + 8, w1);
-        } else {
-            __m256i u0 = _mm256_castps_si256(w0), u1 = _mm256_castps_si256(w1);
-            const __m256i r = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
-            u0 = _mm256_srli_epi32(_mm256_add_epi32(u0, _mm256_add_epi32(r, _mm256_and_si256(_mm256_srli_epi32(u0, 16), one))), 16);
-            u1 = _mm256_srli_epi32(_mm256_add_epi32(u1, _mm256_add_epi32(r, _mm256_and_si256(_mm256_srli_epi32(u1, 16), one))), 16);
-            _mm256_storeu_si256((__m256i *)(out_b + k), _mm256_permute4x64_epi64(_mm256_packus_epi32(u0, u1), 0xD8));
-        }
+        store16_avx2(w0, w1, out_f ? out_f + k : 0, out_b ? out_b + k : 0);
     }
     for (; k < K; k++) {
         float w = (float)q[k] * s;
