@@ -237,3 +237,40 @@ def test_asymmetric_signed_range_keeps_the_lowest_code():
     assert ql.fake_quantize(x, ql.int8, symmetric=False)[0].item() == pytest.approx(-1.28, abs=1e-6)
     # symmetric: the restricted range [-127, 127]
     assert ql.quantize(x, 0.01, 0, ql.int8, symmetric=True).tolist() == [-127, 30, 127]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_pack_order_by_hand(bits):
+    """qlab's documented order, computed by hand: the first element in the lowest bits of each byte."""
+    per = 8 // bits
+    codes = torch.tensor([(3 * i + 1) % 2**bits for i in range(2 * per + 1)], dtype=torch.uint8)  # odd count: padded
+    expected = []
+    for b in range(0, len(codes), per):
+        expected.append(sum(int(c) << (bits * j) for j, c in enumerate(codes[b:b + per].tolist())))
+    packed = ql.pack(codes, bits)
+    assert packed.tolist() == expected and packed.numel() == ql.packed_nbytes(codes.numel(), bits)
+    assert torch.equal(ql.unpack(packed, codes.shape, bits, signed=False), codes)
+    signed = torch.tensor([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] * per, dtype=torch.int8) if bits > 1 else None
+    if signed is not None:
+        assert torch.equal(ql.unpack(ql.pack(signed, bits), signed.shape, bits, signed=True), signed)
+
+
+def test_packed_size_is_one_meaning_everywhere():
+    w = torch.randn(64, 96)
+    for qtype in (ql.int2, ql.qtype(3), ql.int4, ql.int8):
+        qt = ql.quantize_tensor(w, qtype, ql.PerTensor())
+        codes_bytes = qt.qdata.numel() * qt.qdata.element_size()
+        assert codes_bytes == ql.packed_nbytes(w.numel(), qtype.bits)
+        assert qt.nbytes == codes_bytes + qt.scale.numel() * 4  # symmetric: codes + one fp32 scale
+    assert ql.packed_nbytes(10, 2) == 3 and ql.packed_nbytes(10, 3) == 5 and ql.packed_nbytes(10, 1) == 2
+
+
+def test_bitsandbytes_puts_the_first_code_in_the_high_nibble():
+    """The claim in qlab.core.packing's docstring, checked against bitsandbytes' own NF4 packing:
+    x = [1.0, -1.0, 0, ...] has NF4 codes [15, 0, 7, ...]; bitsandbytes stores byte 0 as 0xF0, qlab as 0x0F."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    x = torch.zeros(64)
+    x[0], x[1] = 1.0, -1.0
+    packed, _ = F.quantize_4bit(x, blocksize=64, quant_type="nf4")
+    assert int(packed.flatten()[0]) == 0xF0
+    assert int(ql.pack(torch.tensor([15, 0], dtype=torch.uint8), 4)[0]) == 0x0F

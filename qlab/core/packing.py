@@ -7,8 +7,10 @@ For 4 bits:
 
     byte i = (q[2i] & 0xF) | ((q[2i+1] & 0xF) << 4)          element 2i in the LOW nibble
 
-This is AutoGPTQ's order inside its int32 words and GGUF's within a byte pair; bitsandbytes uses the
-opposite (element 2i in the HIGH nibble), so bytes from it must be swapped before `unpack`.
+AutoGPTQ packs eight 4-bit codes per int32 in the same lowest-first order. bitsandbytes uses the
+opposite order within a byte (element 2i in the HIGH nibble; tests/test_core.py checks it against
+bitsandbytes itself), so its bytes must have their nibbles swapped before `unpack`; GGUF's Q4_0 pairs
+element i with element i + 16 of its 32-element block instead of with its neighbour.
 Widths that are not 1, 2 or 4 are stored in the next of those (3-bit codes take a nibble each), so the
 packed size of n codes of b bits is ceil(n * storage_bits(b) / 8) bytes, as `packed_nbytes` says.
 Signed codes are stored as w-bit two's complement (-1 -> 0b1111 in a nibble); `unpack` sign-extends them
