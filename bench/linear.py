@@ -146,6 +146,24 @@ def main() -> None:
             print(f"{name:40s} {size / 1e6:6.1f} " + " ".join(cells) + f" {cold:9.3f} {floor:6.3f} {cold / floor:6.2f}x  {kern}")
         summary[threads, "fp32 cold"] = summary[threads, "fp32 F.linear", "cold"]
 
+    print("\n=== accuracy at M=16: relative error ||y - y_fp32|| / ||y_fp32|| (activations ~ N(0, 1)) ===")
+    torch.manual_seed(1)
+    x = torch.randn(16, K)
+    with torch.inference_mode():
+        y32 = variants["fp32 F.linear"](x)
+        extra = {"qlab W8A8 dynamic, reduce_range=True (7-bit activations)":
+                 ql.quantize_(torch.nn.Sequential(copy.deepcopy(variants["fp32 F.linear"])),
+                              ql.Int8DynamicConfig(reduce_range=True))[0]}
+        for name, module in {**variants, **extra}.items():
+            xin = x.to(torch.bfloat16) if name.startswith("bf16") else x
+            y = module(xin).float()
+            exact = ""
+            if name.startswith("qlab"):
+                with kernels.disable(*kernels.fast_only()):
+                    y_ref = module(x)
+                exact = f"   exact reference kernel: {float((y_ref - y32).norm() / y32.norm()):.4f}"
+            print(f"{name:58s} {float((y - y32).norm() / y32.norm()):.4f}   ({kernel_of(module, xin)}){exact}")
+
     print("\n=== issue 8 targets (ratios from the tables above) ===")
     for threads in args.threads:
         fb = next((k for k in variants if k.startswith("torch fbgemm")), None)
