@@ -389,7 +389,13 @@ class WeightOnlyLinear(_CachedKernels):
 
 
 class Int8WeightOnlyLinear(WeightOnlyLinear):
-    """int8 weights (one scale per output channel by default), float activations."""
+    """int8 weights (one scale per output channel by default), float activations.
+
+    On CPUs with int8 dot products, calls with at most 16 rows run on fbgemm's int8 kernel, which
+    quantizes each activation row to int8 inside the call (as llama.cpp's Q8_0 does): 3-5x faster, and a
+    relative output error of about 0.009 instead of 0.005. `ql.kernels.disable("fbgemm int8 dot (cpu)")`
+    keeps the activations in float.
+    """
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_granularity: Granularity = PerChannel(0)) -> Int8WeightOnlyLinear:

@@ -281,3 +281,15 @@ def test_without_the_c_library_everything_runs_on_torch_kernels(monkeypatch):
     assert ran == [cpu.INT4PACK]
     with kernels.disable(*kernels.fast_only()):
         torch.testing.assert_close(y, layer(x), rtol=0.05, atol=0.05)
+
+
+def test_int8_weight_only_quantizes_activations_only_with_int8_dot_products(monkeypatch):
+    """fbgemm's int8 dot kernel serves int8 weight-only decode only where the CPU has int8 dot products
+    (elsewhere its int16 sums would saturate without 7-bit activations, too lossy for a weight-only layer)."""
+    qt = ql.quantize_tensor(torch.randn(64, 256), ql.int8, ql.PerChannel(0))
+    x = torch.randn(1, 256)
+    monkeypatch.setattr(cpu, "has_int8_dot", lambda: True)
+    assert kernels.choose("linear_weight_only", x, qt, KernelCache()).name == cpu.FBGEMM_WO
+    assert kernels.choose("linear_weight_only", torch.randn(cpu.SMALL_M + 1, 256), qt, KernelCache()).name != cpu.FBGEMM_WO
+    monkeypatch.setattr(cpu, "has_int8_dot", lambda: False)
+    assert kernels.choose("linear_weight_only", x, qt, KernelCache()).name == cpu.INT8PACK

@@ -121,7 +121,10 @@ def test_int8_weight_only_matches_the_spec():
     torch.testing.assert_close(layer.dequantize_weight().double(), w_hat)
     x = torch.randn(5, 64)
     expected = x.double() @ w_hat.t() + lin.bias.double()
-    assert float((layer(x).double() - expected).norm() / expected.norm()) < 1e-2
+    with kernels.trace() as ran:
+        y = layer(x)
+    bound = next(k.tolerance for k in kernels.registered("linear_weight_only") if k.name == ran[0])
+    assert float((y.double() - expected).norm() / expected.norm()) <= max(bound, 1e-6), ran
     with kernels.disable(*kernels.fast_only()):
         torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
 

@@ -46,6 +46,20 @@ static inline void store16_avx2(__m256 w0, __m256 w1, float *out_f, uint16_t *ou
 }
 #endif
 
+static int have_avx2(void) {
+#ifdef QLAB_X86
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* Row r of the output tile: exactly one of *of (fp32) and *ob (bf16) is set. */
+static inline void out_row(void *out, int out_bf16, size_t r, int K, float **of, uint16_t **ob) {
+    *of = out_bf16 ? 0 : (float *)out + r * K;
+    *ob = out_bf16 ? (uint16_t *)out + r * K : 0;
+}
+
 /* ---------------------------------------------------------------- int4 (per group) */
 static void dq4_row_scalar(const uint8_t *p, const float *s, const int32_t *z, int K, int g, int is_signed,
                            float *out_f, uint16_t *out_b) {
@@ -95,17 +109,15 @@ int qlab_dequant_int4(const uint8_t *packed, const float *scale, const int32_t *
                       int is_signed, void *out, int out_bf16, int nthreads) {
     if (K % 2 || g <= 0 || K % g) return -1;
     const int G = K / g;
-    int use_avx2 = 0;
-#ifdef QLAB_X86
-    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
+    const int use_avx2 = have_avx2();
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int n = n0; n < n1; n++) {
         const uint8_t *p = packed + (size_t)n * (K / 2);
         const float *s = scale + (size_t)n * G;
         const int32_t *z = zero ? zero + (size_t)n * G : 0;
-        float *of = out_bf16 ? 0 : (float *)out + (size_t)(n - n0) * K;
-        uint16_t *ob = out_bf16 ? (uint16_t *)out + (size_t)(n - n0) * K : 0;
+        float *of;
+        uint16_t *ob;
+        out_row(out, out_bf16, (size_t)(n - n0), K, &of, &ob);
 #ifdef QLAB_X86
         if (use_avx2) { dq4_row_avx2(p, s, z, K, g, is_signed, of, ob); continue; }
 #endif
@@ -136,16 +148,14 @@ static void dq8_row_avx2(const int8_t *q, float s, int K, float *out_f, uint16_t
 /* rows [n0, n1) of an (N, K) int8 weight with scale[n] (per_row) or scale[0] -> out (n1 - n0, K). */
 int qlab_dequant_int8(const int8_t *q, const float *scale, int per_row, int n0, int n1, int K, void *out,
                       int out_bf16, int nthreads) {
-    int use_avx2 = 0;
-#ifdef QLAB_X86
-    use_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
+    const int use_avx2 = have_avx2();
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int n = n0; n < n1; n++) {
         const int8_t *row = q + (size_t)n * K;
         const float s = per_row ? scale[n] : scale[0];
-        float *of = out_bf16 ? 0 : (float *)out + (size_t)(n - n0) * K;
-        uint16_t *ob = out_bf16 ? (uint16_t *)out + (size_t)(n - n0) * K : 0;
+        float *of;
+        uint16_t *ob;
+        out_row(out, out_bf16, (size_t)(n - n0), K, &of, &ob);
 #ifdef QLAB_X86
         if (use_avx2) { dq8_row_avx2(row, s, K, of, ob); continue; }
 #endif
