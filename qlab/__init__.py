@@ -16,12 +16,14 @@ from . import (
     data,
     eval,
     kernels,
+    llm_int8,
     metrics,
     models,
     nn,
     observers,
     qat,
     sensitivity,
+    smoothquant,
 )
 from .api import (
     FakeQuantConfig,
@@ -74,6 +76,8 @@ from .core import (
     unpack_int4,
 )
 from .core.qtensor import from_codes
+from .llm_int8 import Int8OutlierLinear, LLMInt8Config
+from .smoothquant import SmoothQuantConfig
 from .formats import FORMATS, nf4_codebook, representable_values, round_to_format, spacing
 
 __version__ = "0.1.0"
@@ -101,5 +105,5 @@ __all__ = [
     "quantize_", "QuantConfig", "register_handler", "swap_modules", "Int8DynamicConfig", "Int8StaticConfig", "Int8WeightOnlyConfig", "Int4WeightOnlyConfig",
     "FakeQuantConfig", "QuantLinear", "QuantConv2d", "WeightOnlyLinear", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear",
     "fake_quantize_ste", "LSQFakeQuantize", "FakeQuantize", "FakeQuantLinear", "FakeQuantConv2d",
-    "qat_schedule_", "convert_",
+    "qat_schedule_", "convert_", "llm_int8", "LLMInt8Config", "Int8OutlierLinear", "smoothquant", "SmoothQuantConfig",
 ]

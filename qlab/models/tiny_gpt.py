@@ -109,6 +109,11 @@ class TinyGPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def smoothquant_mappings(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Which norm feeds which linears (pre-LN: the residual bypasses the norm, so smoothing is exact)."""
+        return [m for i in range(len(self.blocks))
+                for m in ((f"blocks.{i}.ln_1", (f"blocks.{i}.attn.c_attn",)), (f"blocks.{i}.ln_2", (f"blocks.{i}.mlp.c_fc",)))]
+
     def num_parameters(self) -> int:
         """Distinct parameters (the tied LM head counted once)."""
         return sum(p.numel() for p in self.parameters())
