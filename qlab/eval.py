@@ -79,7 +79,11 @@ def _score_windows(model, data, windows, batch_size: int, progress: bool, totals
 
 @contextmanager
 def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Eval mode inside the block; the model's training mode comes back afterwards, even if it raised."""
+    """Eval mode inside the block; the model's training mode comes back afterwards, even if it raised.
+    A plain function (e.g. `lambda x: hf_model(x).logits`) has no mode and is passed through."""
+    if not isinstance(model, torch.nn.Module):
+        yield model
+        return
     was_training = model.training
     model.eval()
     try:

@@ -99,3 +99,13 @@ def test_evaluation_restores_training_mode_even_when_the_model_raises():
         with pytest.raises(RuntimeError, match="boom"):
             run(model)
         assert model.training
+
+
+def test_perplexity_takes_a_plain_function():
+    """As the appendix documents: ql.eval.perplexity(lambda x: model(x).logits, tokens, seq_len=...)."""
+    torch.manual_seed(0)
+    model = ql.models.tiny_gpt(pretrained=False).eval()
+    data = torch.randint(0, 256, (200,))
+    direct = ql.eval.perplexity(model, data, seq_len=32, progress=False)
+    wrapped = ql.eval.perplexity(lambda x: model(x), data, seq_len=32, progress=False)
+    assert wrapped == direct
