@@ -153,10 +153,18 @@ def fbgemm_linear(x, w_q, w_scale, act, cache=None) -> torch.Tensor:
         x = x.clamp(lo, hi)  # the codes outside the type's range clamp here
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, scale, zp, packed)
     reduce_range = act.qtype.bits == 7
-    if act.granularity == PerToken() and x.shape[0] > 1:  # per-token scales on a per-tensor kernel: normalise rows
-        r = x.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)  # (M, 1)
-        return torch.ops.quantized.linear_dynamic(x / r, packed, reduce_range) * r
+    if act.granularity == PerToken():
+        return _dynamic_per_row(x, packed, reduce_range)
     return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+
+
+def _dynamic_per_row(x, packed, reduce_range: bool) -> torch.Tensor:
+    """fbgemm's per-tensor dynamic kernel with one scale per row: normalise each row, scale the outputs back.
+    One row needs no normalising (its per-tensor scale is its per-row scale)."""
+    if x.shape[0] == 1:
+        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+    r = x.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)  # (M, 1)
+    return torch.ops.quantized.linear_dynamic(x / r, packed, reduce_range) * r
 
 
 # ----------------------------------------------------------------------------- aten weight-only kernels
@@ -225,11 +233,7 @@ def fbgemm_wo_pack(qt):
 
 
 def fbgemm_wo_linear(x, qt, cache=None) -> torch.Tensor:
-    packed = cache.get_packed(KERNELS[FBGEMM_WO], x.device, qt)
-    if x.shape[0] > 1:  # one scale per row on a per-tensor kernel: normalise each row (see fbgemm_linear)
-        r = x.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-        return torch.ops.quantized.linear_dynamic(x / r, packed, False) * r
-    return torch.ops.quantized.linear_dynamic(x, packed, False)
+    return _dynamic_per_row(x, cache.get_packed(KERNELS[FBGEMM_WO], x.device, qt), False)
 
 
 KERNELS = {
