@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibration import calibrate, run_batch
+from .calibration import LayerStats, _run, forward_hooks, run_batch
 from .core.granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken
 from .core.qtypes import QType, int4, int8, qtype, uint4, uint8
 from .kernels import cpu as cpu_kernels
@@ -132,12 +132,23 @@ def select_modules(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.
 
 
 def swap_modules(model: nn.Module, config: QuantConfig, make: Callable[[str, nn.Module], nn.Module]) -> list[str]:
-    """Replace every module `config` selects by make(name, module), in place; returns the names swapped."""
-    names = []
-    for name, module in select_modules(model, config):
-        model.set_submodule(name, make(name, module))
-        names.append(name)
-    return names
+    """Replace every module `config` selects by make(name, module), in place; returns the names swapped.
+
+    A module with an input_scale (explicitly smoothed by SmoothQuant) must become one that keeps it; that is
+    checked on the first such module before anything is swapped, so the error leaves the model as it was."""
+    selected = select_modules(model, config)
+    made = {}
+    smoothed = [(n, m) for n, m in selected if getattr(m, "input_scale", None) is not None]
+    if smoothed:
+        name, module = smoothed[0]
+        made[name] = make(name, module)
+        if getattr(made[name], "input_scale", None) is None:
+            raise ValueError(f"{name!r} was smoothed explicitly by SmoothQuant (its input is multiplied by "
+                             f"input_scale), which {type(config).__name__} would drop: follow SmoothQuantConfig "
+                             "with Int8StaticConfig or Int8DynamicConfig, or quantize an unsmoothed copy")
+    for name, module in selected:  # one at a time: the float layer can be freed as soon as it is replaced
+        model.set_submodule(name, made.pop(name) if name in made else make(name, module))
+    return [name for name, _ in selected]
 
 
 # ----------------------------------------------------------------------------- handlers
@@ -294,12 +305,30 @@ def _int8_dynamic(model: nn.Module, c: Int8DynamicConfig, calib_data) -> nn.Modu
     return model
 
 
+def _calibrate_quantized_inputs(model: nn.Module, targets, make_observer, calib_data) -> dict[str, LayerStats]:
+    """Observe what each target's W8A8 layer will quantize: its input, times input_scale if it has one
+    (an explicitly smoothed linear, ql.smoothquant.SmoothedLinear)."""
+    stats = {name: LayerStats(make_observer(), None) for name, _ in targets}
+
+    def hook_for(name: str, module: nn.Module) -> Callable:
+        def hook(mod, args, output) -> None:
+            x = args[0]
+            scale = getattr(module, "input_scale", None)
+            stats[name].input(x if scale is None else x * scale.to(x.dtype))
+
+        return hook
+
+    with forward_hooks(model, {name: hook_for(name, m) for name, m in targets}):
+        _run(model, calib_data, "calibrate", False)
+    return stats
+
+
 @register_handler(Int8StaticConfig)
 def _int8_static(model: nn.Module, c: Int8StaticConfig, calib_data) -> nn.Module:
     act_qtype = reduced(c.act_qtype, c.reduce_range)
     targets = select_modules(model, c)
     make_observer = c.observer or (lambda: MinMaxObserver(qtype=act_qtype, symmetric=act_qtype.signed))
-    stats = calibrate(model, calib_data, make_observer, module_names=[n for n, _ in targets], progress=False)
+    stats = _calibrate_quantized_inputs(model, targets, make_observer, calib_data)
 
     def make(name, m):
         quant = QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear

@@ -35,6 +35,33 @@ def pydoc_corpus(split: str = "train") -> torch.Tensor:
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
 
 
+def sentences(n: int = 32, split: str = "train", seed: int = 0, min_words: int = 6, max_words: int = 30) -> list[str]:
+    """n English sentences from the pydoc text (prose only: no code, no tables), for calibrating an encoder.
+
+    Sentences are split at '. ' and kept when they have min_words..max_words words, start with a capital
+    letter and contain only letters, digits and light punctuation; a seeded shuffle picks n of them.
+    """
+    import random
+    import re
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    text = pydoc_corpus(split).numpy().tobytes().decode("utf-8")
+    prose = re.compile(r"[A-Z][A-Za-z0-9 ,;:'()-]+")
+    pool = []
+    for paragraph in text.split("\n\n"):
+        flat = " ".join(paragraph.split())
+        for sent in flat.split(". "):
+            sent = sent.strip().rstrip(".")
+            if not sent.endswith(":") and prose.fullmatch(sent) and min_words <= len(sent.split()) <= max_words:
+                pool.append(sent + ".")
+    pool = sorted(set(pool))
+    if n > len(pool):
+        raise ValueError(f"only {len(pool)} prose sentences in the {split} split; ask for at most that many")
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
 def lm_batch(
     data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,6 +160,8 @@ class _IntegerGEMM(_CachedKernels):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """s_x s_w (x_q - z_x) w_q^T + b for x (..., K) -> (..., N) in x's dtype, on the registry's kernel."""
         x2 = x.reshape(-1, x.shape[-1]).float()  # (M, K)
+        if getattr(self, "input_scale", None) is not None:  # explicit SmoothQuant factors (1/s), before quantizing
+            x2 = x2 * self.input_scale
         y = kernels.call("linear_w8a8", x2, self.weight_q, self.weight_scale, self.act, self._kernel_cache)  # (M, N)
         if self.bias is not None:
             y = y + self.bias
@@ -193,8 +195,9 @@ class QuantLinear(_IntegerGEMM):
     """Linear layer computed as int8 x int8 -> int32 (W8A8), then rescaled to float.
 
     Buffers: weight_q (N, K) int8, weight_scale (N,) or (), bias (N,) float32, and for static
-    activations act_scale, act_zero_point (). Build with `QuantLinear(qt, bias, ...)` from weight codes
-    or `QuantLinear.from_float(linear, ...)`.
+    activations act_scale, act_zero_point (). input_scale (K,), when given, multiplies the input before it
+    is quantized (SmoothQuant's 1/s where no norm can absorb it; from_float takes it from a SmoothedLinear).
+    Build with `QuantLinear(qt, bias, ...)` from weight codes or `QuantLinear.from_float(linear, ...)`.
     """
 
     def __init__(
@@ -205,6 +208,7 @@ class QuantLinear(_IntegerGEMM):
         act_qtype: QType = int8,
         act_granularity: Granularity = PerToken(),
         act_qparams=None,
+        input_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         _check_qtensor(weight, "QuantLinear")
@@ -212,6 +216,13 @@ class QuantLinear(_IntegerGEMM):
             raise ValueError(f"QuantLinear needs a (out_features, in_features) weight, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self._init_quant(weight, bias, act_qtype, act_granularity, act_qparams)
+        if input_scale is not None:
+            input_scale = torch.as_tensor(input_scale).detach().float().reshape(-1)
+            if input_scale.numel() != self.in_features or not bool(torch.isfinite(input_scale).all()):
+                raise ValueError(f"input_scale must hold {self.in_features} finite factors (one per input channel), "
+                                 f"got {input_scale.numel()}")
+            input_scale = input_scale.clone()
+        self.register_buffer("input_scale", input_scale)
 
     @classmethod
     def from_qtensor(cls, qt: QTensor, bias: torch.Tensor | None = None, **act) -> QuantLinear:
@@ -235,13 +246,15 @@ class QuantLinear(_IntegerGEMM):
         qt = _weight_qtensor(linear.weight, weight_qtype, weight_granularity, weight_qparams)
         act_granularity = act_granularity or (PerToken() if act_qparams is None else PerTensor())
         return cls(qt, linear.bias, act_qtype=act_qtype_for(act_qtype, act_symmetric),
-                   act_granularity=act_granularity, act_qparams=act_qparams)
+                   act_granularity=act_granularity, act_qparams=act_qparams,
+                   input_scale=getattr(linear, "input_scale", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)  # quantize x, integer GEMM, rescale, + bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self._quant_repr()}"
+        smoothed = ", smoothed input" if self.input_scale is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self._quant_repr()}{smoothed}"
 
 
 def _pair(v) -> tuple[int, int]:

@@ -11,8 +11,12 @@ The paper's choice, per input channel j, with migration strength alpha:
 
 X diag(s)^-1 is folded into the norm's weight and bias (so it costs nothing at run time), diag(s) W into
 every linear that reads the norm's output. This is exact only when the norm's output feeds nothing else:
-true for pre-LN transformers (GPT, OPT, LLaMA: the residual bypasses the norm), false for post-LN BERT.
-Which norm feeds which linears is data kept next to each model (`smoothquant_mappings()`), never guessed.
+true for pre-LN transformers (GPT, OPT, LLaMA: the residual bypasses the norm), false for post-LN BERT,
+whose norm output is also the residual. There a mapping names no norm (None) and the division stays
+explicit: the linears become `SmoothedLinear` (x * input_scale, input_scale = 1/s, then W diag(s)), and the
+W8A8 layers built from them multiply the input by input_scale just before quantizing it (one multiply per
+element, on the tensor the quantizer reads anyway). Which module feeds which linears is data kept next to
+each model (`smoothquant_mappings()`), never guessed.
 
 Math first (tensor functions), then model glue (`smooth_`, `alpha_sweep`), then `SmoothQuantConfig`.
 """
@@ -24,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .api import QuantConfig, register_handler
@@ -31,7 +36,7 @@ from .calibration import record
 
 EPS = 1e-5
 
-Mapping = tuple[str, tuple[str, ...]]  # (norm module name, names of the linears it feeds)
+Mapping = tuple[str | None, tuple[str, ...]]  # (norm module name or None, names of the linears that read one input)
 
 
 # ----------------------------------------------------------------------------- 1) the math
@@ -69,6 +74,55 @@ def apply_smoothing_(norm: nn.Module, linears: Sequence[nn.Linear], s: torch.Ten
         lin.weight.mul_(s.to(lin.weight.dtype)[None, :])  # column j of W times s_j
 
 
+class SmoothedLinear(nn.Linear):
+    """nn.Linear that scales its input channels first: y = (x * input_scale) W^T + b.
+
+    SmoothQuant's explicit form for a linear whose input comes from a module that cannot absorb 1/s (the
+    LayerNorm of a post-LN transformer, whose output is also the residual). Buffers: weight (already
+    W diag(s)), bias, input_scale (K,) = 1/s. W8A8 configs carry input_scale into their QuantLinear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("input_scale", torch.ones(in_features, device=device, dtype=torch.float32))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> SmoothedLinear:
+        """A SmoothedLinear computing exactly what `linear` computes (input_scale = 1)."""
+        if isinstance(linear, SmoothedLinear):
+            return linear
+        if type(linear) is not nn.Linear:
+            raise ValueError(f"explicit smoothing needs a plain nn.Linear, got {type(linear).__name__}; smooth the "
+                             "model before quantizing it")
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
+                  linear.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias)
+        return new.train(linear.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x * self.input_scale.to(x.dtype), self.weight, self.bias)
+
+
+@torch.no_grad()
+def apply_explicit_smoothing_(model: nn.Module, linear_names: Sequence[str], s: torch.Tensor) -> None:
+    """Smooth linears that share one input without touching the module that produces it: each becomes a
+    SmoothedLinear with input_scale /= s and weight columns * s, in place (exact up to rounding)."""
+    K = s.numel()
+    for name in linear_names:
+        lin = model.get_submodule(name)
+        if not isinstance(lin, nn.Linear) or lin.in_features != K:
+            raise ValueError(f"{name!r} must be an nn.Linear with in_features={K}, got {lin}")
+        new = SmoothedLinear.from_linear(lin)
+        new.weight.mul_(s.to(new.weight.dtype)[None, :])
+        new.input_scale.div_(s.float())
+        if new is not lin:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 class ChannelAbsMax:
     """Accumulator for calibration.record: the running max |x| per channel (last axis) over every token."""
 
@@ -91,7 +145,9 @@ def _resolve(model: nn.Module, mappings: Sequence[Mapping] | None) -> list[Mappi
     resolved = []
     for norm, linears in mappings:
         linears = (linears,) if isinstance(linears, str) else tuple(linears)
-        missing = [n for n in (norm, *linears) if n not in modules]
+        if not linears:
+            raise ValueError(f"the mapping of {norm!r} names no linear layer")
+        missing = [n for n in (*([norm] if norm is not None else []), *linears) if n not in modules]
         if missing:
             raise ValueError(f"mapping names {missing}, which the model does not have; its modules are "
                              f"{[n for n in modules if n][:40]}")
@@ -101,10 +157,19 @@ def _resolve(model: nn.Module, mappings: Sequence[Mapping] | None) -> list[Mappi
 
 def activation_absmax(model: nn.Module, mappings: Sequence[Mapping], calib_data: Iterable,
                       progress: bool = False) -> dict[str, torch.Tensor]:
-    """max |x| per input channel of each mapping's first linear (= the norm's output), over calib_data."""
+    """max |x| per input channel of each mapping's first linear (= the norm's output), over calib_data.
+
+    For a linear smoothed before (a SmoothedLinear), the statistic is of x * input_scale, what it multiplies."""
     first = [linears[0] for _, linears in mappings]
     stats = record(model, first, ChannelAbsMax, calib_data, progress=progress)
-    return {name: stats[name].input.absmax for name in first}
+    out = {}
+    for name in first:
+        absmax = stats[name].input.absmax
+        if absmax is None:
+            raise ValueError(f"{name!r} never ran on calib_data; check the mapping and the batches")
+        scale = getattr(model.get_submodule(name), "input_scale", None)
+        out[name] = absmax if scale is None else absmax * scale.abs().float()
+    return out
 
 
 @torch.no_grad()
@@ -116,19 +181,29 @@ def smooth_(
     scales_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = smoothing_scales,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Smooth every (norm -> linears) mapping of `model` in place; returns {norm name: s}.
+    """Smooth every (norm -> linears) mapping of `model` in place; returns {norm name (or first linear): s}.
 
-    scales_fn(act_absmax, weight_absmax, alpha) computes s: the lab passes a student's function here.
+    A mapping with norm=None is smoothed explicitly (apply_explicit_smoothing_). scales_fn(act_absmax,
+    weight_absmax, alpha) computes s: the lab passes a student's function here; its result is checked.
     """
     mappings = _resolve(model, mappings)
     act = activation_absmax(model, mappings, calib_data, progress)
-    modules = dict(model.named_modules())
     scales = {}
     for norm, linears in mappings:
-        fcs = [modules[n] for n in linears]
+        fcs = [model.get_submodule(n) for n in linears]
+        K = fcs[0].in_features
+        if any(f.in_features != K for f in fcs):
+            raise ValueError(f"the linears {list(linears)} read one input but have in_features "
+                             f"{[f.in_features for f in fcs]}; fix the mapping")
         s = scales_fn(act[linears[0]], weight_absmax(fcs), alpha)
-        apply_smoothing_(modules[norm], fcs, s)
-        scales[norm] = s
+        if not isinstance(s, torch.Tensor) or s.shape != (K,) or not bool(torch.isfinite(s).all() and (s > 0).all()):
+            raise ValueError(f"scales_fn must return {K} finite positive factors for {linears[0]!r}, got "
+                             f"{s if not isinstance(s, torch.Tensor) else (tuple(s.shape), s.dtype)}")
+        if norm is None:
+            apply_explicit_smoothing_(model, linears, s)
+        else:
+            apply_smoothing_(model.get_submodule(norm), fcs, s)
+        scales[norm if norm is not None else linears[0]] = s
     return scales
 
 
@@ -181,5 +256,6 @@ def _smoothquant(model: nn.Module, config: SmoothQuantConfig, calib_data) -> nn.
     return model
 
 
-__all__ = ["smoothing_scales", "weight_absmax", "apply_smoothing_", "ChannelAbsMax", "activation_absmax", "smooth_",
+__all__ = ["smoothing_scales", "weight_absmax", "apply_smoothing_", "SmoothedLinear", "apply_explicit_smoothing_",
+           "ChannelAbsMax", "activation_absmax", "smooth_",
            "alpha_sweep", "SmoothQuantConfig"]

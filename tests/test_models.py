@@ -172,3 +172,13 @@ def test_load_causal_lm_offline_and_absent_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
         ql.models.load_causal_lm("qlab-test/definitely-not-a-model")
+
+
+def test_sentences_are_prose_seeded_and_split():
+    a, b = ql.data.sentences(20), ql.data.sentences(20)
+    assert a == b and len(set(a)) == 20
+    assert all(s[0].isupper() and s.endswith(".") and 6 <= len(s.split()) <= 30 for s in a)
+    assert ql.data.sentences(20, seed=1) != a
+    assert not set(ql.data.sentences(100, "val")) & set(ql.data.sentences(700, "train"))
+    with pytest.raises(ValueError, match="ask for at most"):
+        ql.data.sentences(10**6)

@@ -55,6 +55,18 @@ class MiniLM(nn.Module):
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, C)
         return F.normalize(pooled, p=2, dim=-1)
 
+    def smoothquant_mappings(self) -> list[tuple[None, tuple[str, ...]]]:
+        """Linears that read one input, for SmoothQuant: per layer, query/key/value (they read the previous
+        LayerNorm's output) and the FFN's first linear (it reads the attention block's LayerNorm output),
+        the norm-fed linears the paper smooths. BERT is post-LN: each LayerNorm's output is also the residual,
+        so no norm can absorb 1/s; the norm is None and the division stays explicit in the quantized layer."""
+        out = []
+        for i in range(self.bert.config.num_hidden_layers):
+            p = f"bert.encoder.layer.{i}"
+            out += [(None, (f"{p}.attention.self.query", f"{p}.attention.self.key", f"{p}.attention.self.value")),
+                    (None, (f"{p}.intermediate.dense",))]
+        return out
+
     @torch.no_grad()
     def encode(self, sentences: list[str], batch_size: int = 32) -> torch.Tensor:
         """Embeddings (N, 384) of `sentences`, in eval mode."""
