@@ -35,27 +35,33 @@ def pydoc_corpus(split: str = "train") -> torch.Tensor:
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
 
 
-def sentences(n: int = 32, split: str = "train", seed: int = 0, min_words: int = 6, max_words: int = 30) -> list[str]:
+def _prose(split: str) -> set[str]:
+    import re
+
+    text = pydoc_corpus(split).numpy().tobytes().decode("utf-8")
+    prose = re.compile(r"[A-Z][A-Za-z0-9 ,;:'()-]+")
+    pool = set()
+    for paragraph in text.split("\n\n"):
+        for sent in " ".join(paragraph.split()).split(". "):
+            sent = sent.strip().rstrip(".")
+            if not sent.endswith(":") and prose.fullmatch(sent) and 6 <= len(sent.split()) <= 30:
+                pool.add(sent + ".")
+    return pool
+
+
+def sentences(n: int = 32, split: str = "train", seed: int = 0) -> list[str]:
     """n English sentences from the pydoc text (prose only: no code, no tables), for calibrating an encoder.
 
-    Sentences are split at '. ' and kept when they have min_words..max_words words, start with a capital
-    letter and contain only letters, digits and light punctuation; a seeded shuffle picks n of them.
+    Sentences are split at '. ' and kept when they have 6..30 words, start with a capital letter and hold
+    only letters, digits and light punctuation; a seeded shuffle picks n. A few sentences recur in several
+    topics: "val" leaves out every sentence that also occurs in "train", so the two never overlap.
     """
     import random
-    import re
 
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    text = pydoc_corpus(split).numpy().tobytes().decode("utf-8")
-    prose = re.compile(r"[A-Z][A-Za-z0-9 ,;:'()-]+")
-    pool = []
-    for paragraph in text.split("\n\n"):
-        flat = " ".join(paragraph.split())
-        for sent in flat.split(". "):
-            sent = sent.strip().rstrip(".")
-            if not sent.endswith(":") and prose.fullmatch(sent) and min_words <= len(sent.split()) <= max_words:
-                pool.append(sent + ".")
-    pool = sorted(set(pool))
+    pool = _prose(split) - (_prose("train") if split == "val" else set())
+    pool = sorted(pool)
     if n > len(pool):
         raise ValueError(f"only {len(pool)} prose sentences in the {split} split; ask for at most that many")
     random.Random(seed).shuffle(pool)
