@@ -178,14 +178,16 @@ def smooth_(
     calib_data: Iterable,
     alpha: float = 0.5,
     mappings: Sequence[Mapping] | None = None,
-    scales_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = smoothing_scales,
+    scales_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Smooth every (norm -> linears) mapping of `model` in place; returns {norm name (or first linear): s}.
 
     A mapping with norm=None is smoothed explicitly (apply_explicit_smoothing_). scales_fn(act_absmax,
-    weight_absmax, alpha) computes s: the lab passes a student's function here; its result is checked.
+    weight_absmax, alpha) computes s (default: smoothing_scales, looked up when called); the lab passes a
+    student's function here; its result is checked.
     """
+    scales_fn = scales_fn or smoothing_scales
     mappings = _resolve(model, mappings)
     act = activation_absmax(model, mappings, calib_data, progress)
     scales = {}
