@@ -506,7 +506,7 @@ def test_dask_local_cluster_grades_the_same(course, tmp_path):
 # -- labs 2 and 3 ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lab", ["lab2", "lab3"])
+@pytest.mark.parametrize("lab", ["lab2", "lab3", "lab4"])
 def test_later_labs_grade_solution_full_and_blank_zero(lab, tmp_path):
     """The hardened grader agrees with nbgrader on labs 2 and 3: the solution earns 100, a blank copy 0."""
     course = tmp_path / "course"
