@@ -525,3 +525,50 @@ def test_later_labs_grade_solution_full_and_blank_zero(lab, tmp_path):
     results = {r.student: r for r in grade(lab, submissions, course, workers=2, progress=False)}
     assert results["solver"].score == results["solver"].max_score == 100, results["solver"]
     assert results["blank"].score == 0, results["blank"]
+
+
+# -- lab 4: deliberately flawed solutions lose exactly the points of what they got wrong ------------------
+
+
+def edited(nb, grade_id: str, old: str, new: str):
+    cell = nb.cells[cell_index(nb, grade_id)]
+    assert old in cell.source, (grade_id, old)
+    cell.source = cell.source.replace(old, new)
+    return nb
+
+
+def test_lab4_flawed_solutions_lose_the_right_points(tmp_path):
+    lab = "lab4"
+    course = tmp_path / "course"
+    course.mkdir()
+    shutil.copy(ROOT / "labs" / "nbgrader_config.py", course)
+    shutil.copytree(ROOT / "labs" / "source" / lab, course / "source" / lab)
+
+    def source():
+        return nbformat.read(ROOT / "labs" / "source" / lab / f"{lab}.ipynb", as_version=4)
+
+    flawed = {
+        # the outliers set the row scale: Part 1's outlier cell fails, and so does Part 2, which builds on it
+        "absmax_all": edited(source(), "vectorwise", "absmax = x.masked_fill(outliers, 0.0).abs().amax(dim=1)",
+                             "absmax = x.abs().amax(dim=1)"),
+        # an alpha picked by hand instead of the best of the sweep (0.25 keeps a mean cosine below 0.987)
+        "bad_alpha": edited(source(), "smoothquant", "best_alpha = max(sweep, key=sweep.get)", "best_alpha = 0.25"),
+        # hostile: the float model handed in as the SmoothQuant W8A8 one
+        "float_model": edited(source(), "smoothquant", "sq_model = smoothquant_w8a8(best_alpha)", "sq_model = copy.deepcopy(mini)"),
+        # no clamp: an all-zero channel gets s = 0
+        "no_clamp": edited(source(), "smoothing", "return (act.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)",
+                           "return act_absmax.float().pow(alpha) / weight_absmax.float().pow(1 - alpha)"),
+    }
+    submissions = tmp_path / "submitted"
+    for student, nb in flawed.items():
+        (submissions / student / lab).mkdir(parents=True)
+        nbformat.write(nb, submissions / student / lab / f"{lab}.ipynb")
+    results = {r.student: r for r in grade(lab, submissions, course, workers=2, progress=False)}
+    lost = {student: sorted(p.grade_id for p in r.parts if p.points == 0) for student, r in results.items()}
+    assert lost == {
+        "absmax_all": ["test_llm_int8_minilm", "test_matmul_outliers", "test_vectorwise_outliers"],
+        "bad_alpha": ["test_sq_fidelity", "test_sq_sweep"],
+        "float_model": ["test_sq_fidelity"],
+        "no_clamp": ["test_smoothing_scales"],
+    }, lost
+    assert {s: r.score for s, r in results.items()} == {"absmax_all": 60, "bad_alpha": 75, "float_model": 85, "no_clamp": 85}
