@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import qlab as ql
+from qlab.kernels import cuda as cuda_kernels
 from qlab import kernels
 from qlab.kernels import ActQuant, KernelCache, cpu, native, reference
 
@@ -246,12 +247,33 @@ def test_int_mm_cuda_matches_reference_and_falls_back_for_small_m():
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (32, 64), generator=g, dtype=torch.int8).cuda()
     w = torch.randint(-128, 128, (48, 64), generator=g, dtype=torch.int8).cuda()
-    with kernels.trace() as ran:
+    with kernels.disable(cuda_kernels.BNB_INT_MM), kernels.trace() as ran:
         c = kernels.int_mm(a, w.t())
         small = kernels.int_mm(a[:1], w.t())  # M = 1 <= 16: cuBLASLt refuses it
     assert ran == [kernels.INT_MM_CUDA, kernels.REFERENCE]
     assert torch.equal(c.cpu(), reference.int_mm(a.cpu(), w.t().cpu()))
     assert torch.equal(small.cpu(), c[:1].cpu())
+
+
+@cuda
+@pytest.mark.skipif(not cuda_kernels.has_bitsandbytes(), reason="needs bitsandbytes")
+def test_bitsandbytes_int_mm_on_cuda_is_exact_at_every_m():
+    """bitsandbytes' int8 GEMM (LLM.int8()'s) is preferred on CUDA and takes M = 1 too; exact against int64."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(-127, 128, (40, 96), generator=g, dtype=torch.int8)
+    for M in (1, 5, 33):
+        a = torch.randint(-127, 128, (M, 96), generator=g, dtype=torch.int8)
+        with kernels.trace() as ran:
+            c = kernels.int_mm(a.cuda(), w.cuda().t())
+        assert ran == [cuda_kernels.BNB_INT_MM]
+        assert torch.equal(c.cpu().long(), a.long() @ w.long().t())
+    # LLM.int8() on the GPU runs its int8 part there and agrees with the CPU
+    x = torch.randn(7, 96, generator=g)
+    x[:, 3] *= 10
+    w_absmax = torch.rand(40, generator=g) + 0.5
+    y_cpu, _ = ql.llm_int8.int8_matmul_outliers(x, w, w_absmax, 6.0)
+    y_gpu, _ = ql.llm_int8.int8_matmul_outliers(x.cuda(), w.cuda(), w_absmax.cuda(), 6.0)
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-5, atol=1e-4)
 
 
 needs_native = pytest.mark.skipif(not native.available(), reason="qlab's C kernels were not built (make native)")
