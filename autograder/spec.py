@@ -149,6 +149,18 @@ def number(value, what: str = "the result", integer: bool = False) -> float:
     return value
 
 
+def letter(variable: str, right: str, choices: tuple[str, ...] = ("a", "b", "c", "d")) -> Check:
+    """A multiple-choice answer: read `variable` and check that it is the letter `right`."""
+    allowed = ", ".join(f'"{c}"' for c in choices)
+
+    def judge(out):
+        value = returned(out, None, variable)
+        expect(isinstance(value, str) and value in choices, f"{variable} must be one of {allowed}")
+        expect(value == right, f"{variable} is not the best explanation")
+
+    return Check(read(variable), judge, variable)
+
+
 def expect(condition: bool, message: str) -> None:
     if not condition:
         raise Fail(message)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import qlab as ql
-from autograder.spec import Check, Part, call, close, expect, labels, read, returned, tensor
+from autograder.spec import Check, Part, call, close, expect, labels, letter, read, returned, tensor
 from qlab.bn_folding import fold_batchnorm_
 from qlab.qat import LSQFakeQuantize
 
@@ -313,14 +313,6 @@ def analysis_accuracy() -> Part:
 
 
 def analysis_answer() -> Part:
-    def letter(variable: str, right: str):
-        def judge(out):
-            value = returned(out, None, variable)
-            expect(isinstance(value, str) and value in ("a", "b", "c", "d"), f'{variable} must be one of "a", "b", "c", "d"')
-            expect(value == right, f"{variable} is not the best explanation")
-
-        return Check(read(variable), judge, variable)
-
     return Part("test_analysis_answer", 7, (letter("why_qat", "c"), letter("why_grad_scale", "a")))
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import qlab as ql
-from autograder.spec import Check, Part, call, close, expect, labels, read, returned, tensor
+from autograder.spec import Check, Part, call, close, expect, labels, letter, read, returned, tensor
 from qlab.llm_int8 import int8_matmul_outliers, vectorwise_quant
 from qlab.smoothquant import smoothing_scales
 
@@ -313,14 +313,6 @@ def analysis_share() -> Part:
 
 
 def analysis_answers() -> Part:
-    def letter(variable: str, right: str):
-        def judge(out):
-            value = returned(out, None, variable)
-            expect(isinstance(value, str) and value in ("a", "b", "c", "d"), f'{variable} must be one of "a", "b", "c", "d"')
-            expect(value == right, f"{variable} is not the best explanation")
-
-        return Check(read(variable), judge, variable)
-
     return Part("test_analysis_answers", 6, (letter("why_per_token", "c"), letter("why_explicit", "a")))
 
 
