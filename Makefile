@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 NATIVE := qlab/kernels/_qlab_cpu.so
 CC     ?= gcc
 
-.PHONY: book test release clean venv native
+.PHONY: book test release clean venv native browser
 
 venv: $(STAMP) native
 
@@ -41,11 +41,29 @@ $(STAMP): requirements.lock pyproject.toml
 release: $(STAMP)
 	$(PY) -m labs.release
 
+# Chapter outputs are cached (_build/.jupyter_cache, keyed by each chapter's source). The cache is dropped
+# whenever what the chapters run on changes: qlab's sources and checkpoints, the lock file, the config.
+BOOK_INPUTS := $(shell find qlab -type f \( -name '*.py' -o -name '*.c' -o -name '*.pt' -o -name '*.safetensors' -o -name '*.json' -o -name '*.md' \) 2>/dev/null | sort) requirements.lock _config.yml
+
 book: $(STAMP) native release
+	@mkdir -p _build
+	@sum=$$(cat $(BOOK_INPUTS) | sha256sum | cut -c1-16); \
+	  if [ "$$(cat _build/.qlab-inputs 2>/dev/null)" != "$$sum" ]; then \
+	    rm -rf _build/.jupyter_cache && echo "qlab: library or config changed: every chapter executes again"; fi; \
+	  echo "$$sum" > _build/.qlab-inputs
 	$(VENV)/bin/jupyter-book build . --builder html --warningiserror --keep-going
 	@echo "Book built: _build/html/index.html"
 
-test: $(STAMP) native
+# The browser tests (tests/test_site.py) read the built book in Debian's Chromium. As root (CI) it is
+# installed here when missing; otherwise those tests are skipped and say how to get it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || [ -n "$$QLAB_CHROMIUM" ] \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null)) \
+	       && echo "qlab: installed Debian's chromium for the browser tests"; } \
+	  || echo "qlab: no Chromium (apt-get install chromium, or set QLAB_CHROMIUM); the browser tests will be skipped"
+
+test: $(STAMP) native browser
 	$(PY) -m pytest
 
 clean:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import matplotlib.pyplot as plt
@@ -68,17 +69,42 @@ def error_vs_bits(
     return table
 
 
-def table(header: list[str], rows: list[list]) -> None:
-    """Show rows as a Markdown table in a notebook (plain text elsewhere)."""
-    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+def _cell(value) -> str:
+    """A table cell's text: `|` escaped (it would end the cell), newlines folded."""
+    return " ".join(str(value).split("\n")).replace("|", "\\|")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A pipe table: cells may hold any text (a `|` is escaped), every row has the header's width."""
+    if not header:
+        raise ValueError("a table needs at least one column in its header")
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise ValueError(f"row {i} has {len(row)} cells, the header {len(header)}: {list(row)}")
+    lines = ["| " + " | ".join(_cell(h) or " " for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def show_markdown(text: str, top_level: int = 1) -> None:
+    """Display Markdown in a notebook (print it elsewhere), its headings moved so the first is at top_level
+    (a model card's "# Title" shown inside a page becomes "### Title" with top_level=3)."""
+    levels = [len(m.group(1)) for m in re.finditer(r"^(#{1,6}) ", text, flags=re.M)]
+    shift = top_level - min(levels) if levels else 0
+    if shift:
+        text = re.sub(r"^(#{1,6}) ", lambda m: "#" * min(6, max(1, len(m.group(1)) + shift)) + " ", text, flags=re.M)
     try:
         from IPython import get_ipython
         from IPython.display import Markdown, display
 
         if get_ipython() is not None:
-            display(Markdown("\n".join(lines)))
+            display(Markdown(text))
             return
     except ImportError:
         pass
-    print("\n".join(lines))
+    print(text)
+
+
+def table(header: list[str], rows: list[list]) -> None:
+    """Show rows as a Markdown table in a notebook (plain text elsewhere)."""
+    show_markdown(markdown_table(header, rows))
