@@ -1,6 +1,7 @@
 """Shared test settings, and the one book build that test_book and test_site share."""
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # labs/ and autograder/ are folders of the repository, not installed packages
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,16 @@ def book_build(tmp_path_factory) -> BookBuild:
     if os.environ.get("QLAB_BOOK_HTML"):
         return BookBuild(0, "", Path(os.environ["QLAB_BOOK_HTML"]))
     out = tmp_path_factory.mktemp("book")
+    # The labs page links the student releases: make them in a copy of labs/ (the repository stays clean).
+    labs = tmp_path_factory.mktemp("labs")
+    shutil.copy(ROOT / "labs" / "nbgrader_config.py", labs)
+    shutil.copytree(ROOT / "labs" / "source", labs / "source")
+    from labs.release import all_labs, release_lab
+
+    for lab in all_labs(labs):
+        release_lab(lab, root=labs)
     jb = Path(sys.executable).with_name("jupyter-book")
+    env = dict(os.environ, QLAB_LABS_RELEASE=str(labs / "release"))
     proc = subprocess.run([str(jb), "build", str(ROOT), "--path-output", str(out), "--builder", "html"],
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=1500, env=env)
     return BookBuild(proc.returncode, proc.stdout + proc.stderr, out / "_build" / "html")

@@ -219,3 +219,16 @@ def test_search_finds_a_chapter_from_a_local_server(browser, site, server):
         assert visit.network == [], visit.network
     finally:
         visit.close()
+
+
+def test_labs_page_offers_every_released_notebook(site):
+    import nbformat
+
+    from labs.release import all_labs
+
+    page = (site / "book" / "labs.html").read_text()
+    for lab in all_labs():
+        assert f'href="../labs/{lab}.ipynb"' in page, f"the labs page does not link {lab}.ipynb"
+        nb = nbformat.read(site / "labs" / f"{lab}.ipynb", as_version=4)  # a real notebook, the student release
+        text = "\n".join(cell.source for cell in nb.cells)
+        assert "raise NotImplementedError()" in text and "BEGIN SOLUTION" not in text and "HIDDEN TESTS" not in text, lab
