@@ -112,6 +112,8 @@ def test_page_reads_offline(browser, site, name):
         assert raw == [], f"{name}: formulas left untypeset: {raw[:5]}"
         typeset = visit.page.locator("mjx-container").count()
         source = (site / f"{name}.html").read_text()
+        autolinked = re.findall(r'href="https?://(?:torch|ql|qlab|nn|F)\.[a-z_]+', source)
+        assert autolinked == [], f"{name}: Python names auto-linked as web addresses: {autolinked[:3]}"
         if 'class="math' in source:
             assert typeset > 0, f"{name} has math but MathJax typeset none of it"
         tables = [line for line in text.splitlines() if re.fullmatch(r"\s*\|.*\|\s*", line)]
