@@ -35,6 +35,14 @@ def test_intro_chapter_map_matches_the_toc():
     assert "{doc}" not in coming, "a chapter that exists is listed under 'Coming next'"
 
 
+def test_every_chapter_ends_with_takeaways_and_exercises():
+    for name in toc_files():
+        if Path(name).name.startswith("ch"):
+            text = (ROOT / f"{name}.md").read_text()
+            assert "\n## Key takeaways\n" in text, f"{name} has no 'Key takeaways' section"
+            assert text.index("## Key takeaways") < text.index("## Try it"), f"{name}: takeaways come before 'Try it'"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_book_builds_with_every_chapter_executed(book_build):
