@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 NATIVE := qlab/kernels/_qlab_cpu.so
 CC     ?= gcc
 
-.PHONY: book test release clean venv native browser
+.PHONY: book test release clean venv native browser interop
 
 venv: $(STAMP) native
 
@@ -65,6 +65,22 @@ browser:
 
 test: $(STAMP) native browser
 	$(PY) -m pytest
+	$(MAKE) --no-print-directory interop
+
+# AutoGPTQ 0.7.1 needs transformers 4.45.2 and peft 0.10, older than the main environment's: it gets its own
+# environment from interop/requirements.txt, and its tests (interop/tests) import qlab from this checkout.
+INTEROP       := .venv-interop
+INTEROP_STAMP := $(INTEROP)/.installed-stamp
+
+$(INTEROP_STAMP): interop/requirements.txt
+	@test -x $(INTEROP)/bin/python || $(PYTHON) -m venv $(INTEROP)
+	$(INTEROP)/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(INTEROP)/bin/python -m pip install --quiet torch==2.13.0
+	BUILD_CUDA_EXT=0 $(INTEROP)/bin/python -m pip install --quiet -r interop/requirements.txt
+	@touch $(INTEROP_STAMP)
+
+interop: $(INTEROP_STAMP) native
+	PYTHONPATH=$(CURDIR) $(INTEROP)/bin/python -m pytest interop/tests -q -p no:cacheprovider
 
 clean:
 	rm -rf _build labs/release $(NATIVE)

@@ -15,6 +15,7 @@ from . import (
     cle,
     data,
     eval,
+    gptq,
     kernels,
     llm_int8,
     metrics,
@@ -76,6 +77,7 @@ from .core import (
     unpack_int4,
 )
 from .core.qtensor import from_codes
+from .gptq import GPTQConfig, RTNConfig
 from .llm_int8 import Int8OutlierLinear, LLMInt8Config
 from .smoothquant import SmoothQuantConfig
 from .formats import FORMATS, nf4_codebook, representable_values, round_to_format, spacing
@@ -106,4 +108,5 @@ __all__ = [
     "FakeQuantConfig", "QuantLinear", "QuantConv2d", "WeightOnlyLinear", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear",
     "fake_quantize_ste", "LSQFakeQuantize", "FakeQuantize", "FakeQuantLinear", "FakeQuantConv2d",
     "qat_schedule_", "convert_", "llm_int8", "LLMInt8Config", "Int8OutlierLinear", "smoothquant", "SmoothQuantConfig",
+    "gptq", "GPTQConfig", "RTNConfig",
 ]

@@ -382,8 +382,31 @@ class WeightOnlyLinear(_CachedKernels):
         return QTensor(self.weight_qdata, self.weight_scale, zero_point, self.weight_qtype, self.weight_granularity,
                        torch.Size((self.out_features, self.in_features)), self.symmetric, torch.float32, self.weight_g_idx)
 
+    def _contiguous_groups(self) -> tuple[torch.Tensor, QTensor] | None:
+        """GPTQ act order stores g_idx (column k uses group g_idx[k]); the fast kernels want groups of
+        consecutive columns. Sorting the columns by group gives exactly that when every group has
+        group_size members: W[:, perm] with x[:, perm] computes the same product. Derived once, cached,
+        never saved (None if the groups are uneven: the reference kernel reads g_idx directly)."""
+        key = ("g_idx order", str(self.weight_qdata.device))
+        if key not in self._kernel_cache:
+            g = self.weight_g_idx.long()
+            gs = self.weight_granularity.group_size
+            counts = torch.bincount(g, minlength=self.weight_scale.shape[1])
+            entry = None
+            if bool((counts == gs).all()):
+                perm = torch.argsort(g, stable=True)  # (K,) columns of group 0, then group 1, ...
+                qt = self.qweight()
+                entry = (perm, from_codes(qt.int_repr()[:, perm], qt.scale, None if qt.symmetric else qt.zero_point,
+                                          qt.qtype, qt.granularity, qt.symmetric))
+            self._kernel_cache[key] = entry
+        return self._kernel_cache[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.call("linear_weight_only", x.reshape(-1, self.in_features), self.qweight(), self._kernel_cache)
+        x2d, qt = x.reshape(-1, self.in_features), self.qweight()
+        if self.weight_g_idx is not None and (reordered := self._contiguous_groups()) is not None:
+            perm, qt = reordered
+            x2d = x2d[:, perm]
+        y = kernels.call("linear_weight_only", x2d, qt, self._kernel_cache)
         y = y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

@@ -114,6 +114,10 @@ class TinyGPT(nn.Module):
         return [m for i in range(len(self.blocks))
                 for m in ((f"blocks.{i}.ln_1", (f"blocks.{i}.attn.c_attn",)), (f"blocks.{i}.ln_2", (f"blocks.{i}.mlp.c_fc",)))]
 
+    def transformer_blocks_name(self) -> str:
+        """Where the stack of transformer blocks is (GPTQ and AWQ walk it block by block)."""
+        return "blocks"
+
     def num_parameters(self) -> int:
         """Distinct parameters (the tied LM head counted once)."""
         return sum(p.numel() for p in self.parameters())
