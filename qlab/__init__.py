@@ -9,6 +9,7 @@
 
 from . import (
     api,
+    awq,
     bias_correction,
     bn_folding,
     calibration,
@@ -77,6 +78,7 @@ from .core import (
     unpack_int4,
 )
 from .core.qtensor import from_codes
+from .awq import AWQConfig
 from .gptq import GPTQConfig, RTNConfig
 from .llm_int8 import Int8OutlierLinear, LLMInt8Config
 from .smoothquant import SmoothQuantConfig
@@ -108,5 +110,5 @@ __all__ = [
     "FakeQuantConfig", "QuantLinear", "QuantConv2d", "WeightOnlyLinear", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear",
     "fake_quantize_ste", "LSQFakeQuantize", "FakeQuantize", "FakeQuantLinear", "FakeQuantConv2d",
     "qat_schedule_", "convert_", "llm_int8", "LLMInt8Config", "Int8OutlierLinear", "smoothquant", "SmoothQuantConfig",
-    "gptq", "GPTQConfig", "RTNConfig",
+    "gptq", "GPTQConfig", "RTNConfig", "awq", "AWQConfig",
 ]

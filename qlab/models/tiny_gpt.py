@@ -7,6 +7,14 @@ tokenizer is needed and bits-per-byte is directly comparable across models.
 
 Every matrix multiply lives in an `nn.Linear`, so the quantization chapters can swap them for
 quantized modules without touching this file.
+
+Hugging Face GPT-2 (`TinyGPT.to_hf_gpt2()`, and ql.export's AutoGPTQ checkpoints) is the same network with
+other names: `wte`, `wpe`, `ln_f` -> `transformer.wte`, `transformer.wpe`, `transformer.ln_f`;
+`blocks.{i}.*` -> `transformer.h.{i}.*` (ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj keep
+their names); `lm_head` stays, tied to `wte`. GPT-2's four block linears are `Conv1D` modules whose weight
+is stored (in_features, out_features), the transpose of nn.Linear's, so their weights are transposed.
+The config is `hf_gpt2_config(cfg)`: exact GELU (activation_function="gelu", not GPT-2's "gelu_new"),
+LayerNorm eps 1e-5, n_inner 4 * n_embd, dropout only on the attention probabilities, no special tokens.
 """
 
 from __future__ import annotations
@@ -62,10 +70,11 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.act = nn.GELU()  # exact GELU; a module, so AWQ can scale what it feeds c_proj
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -114,9 +123,50 @@ class TinyGPT(nn.Module):
         return [m for i in range(len(self.blocks))
                 for m in ((f"blocks.{i}.ln_1", (f"blocks.{i}.attn.c_attn",)), (f"blocks.{i}.ln_2", (f"blocks.{i}.mlp.c_fc",)))]
 
+    def awq_mappings(self) -> list[tuple[str, tuple[str, ...], str]]:
+        """AWQ's (module whose output the linears read, linears, module whose output judges the scales):
+        SmoothQuant's norm -> linear pairs, plus v (the last third of c_attn's rows) -> attn.c_proj and
+        GELU -> mlp.c_proj."""
+        out = []
+        for i in range(len(self.blocks)):
+            b = f"blocks.{i}"
+            out += [(f"{b}.ln_1", (f"{b}.attn.c_attn",), f"{b}.attn"),
+                    (f"{b}.attn.c_attn", (f"{b}.attn.c_proj",), f"{b}.attn.c_proj"),
+                    (f"{b}.ln_2", (f"{b}.mlp.c_fc",), f"{b}.mlp"),
+                    (f"{b}.mlp.act", (f"{b}.mlp.c_proj",), f"{b}.mlp.c_proj")]
+        return out
+
     def transformer_blocks_name(self) -> str:
         """Where the stack of transformer blocks is (GPTQ and AWQ walk it block by block)."""
         return "blocks"
+
+    def to_hf_gpt2(self):
+        """The same network as a `transformers.GPT2LMHeadModel` (eval mode, this model's dtype); same logits.
+
+        Only a float model converts: a quantized one leaves qlab as an AutoGPTQ checkpoint
+        (`ql.export.save_autogptq`). The name mapping is in the module docstring."""
+        try:
+            import transformers
+        except ImportError as err:
+            raise ImportError("to_hf_gpt2 needs the transformers package: pip install transformers") from err
+        quantized = [n for n, m in self.named_modules() if n.startswith("blocks.") and n.endswith(HF_GPT2_CONV1D)
+                     and type(m) is not nn.Linear]
+        if quantized:
+            raise ValueError(f"to_hf_gpt2 converts a float TinyGPT, but {quantized[:4]} are "
+                             f"{type(self.get_submodule(quantized[0])).__name__} modules; export a quantized model "
+                             "with ql.export.save_autogptq(model, path)")
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_gpt2_config(self.config)))
+        state = {}
+        for name, t in self.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied to wte in both models
+            conv1d = name.endswith(tuple(f"{c}.weight" for c in HF_GPT2_CONV1D))
+            state[hf_gpt2_name(name)] = t.t() if conv1d else t  # Conv1D weight is (in, out)
+        missing, unexpected = hf.load_state_dict(state, strict=False)
+        if unexpected or [m for m in missing if m != "lm_head.weight"]:
+            raise ValueError(f"GPT-2 mapping mismatch: missing {missing}, unexpected {unexpected}")
+        hf.tie_weights()
+        return hf.to(self.wte.weight.dtype).eval()
 
     def num_parameters(self) -> int:
         """Distinct parameters (the tied LM head counted once)."""
@@ -176,6 +226,43 @@ def config_from_dict(meta: dict[str, str]) -> GPTConfig:
     """Inverse of `config_dict`."""
     kwargs = {k: float(meta[k]) if k == "dropout" else int(meta[k]) for k in GPTConfig.__dataclass_fields__ if k in meta}
     return GPTConfig(**kwargs)
+
+
+HF_GPT2_CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the block linears; Conv1D in HF GPT-2
+
+
+def hf_gpt2_name(name: str) -> str:
+    """TinyGPT's parameter name -> GPT2LMHeadModel's, e.g. blocks.0.attn.c_attn.weight -> transformer.h.0.attn.c_attn.weight."""
+    if name.startswith("blocks."):
+        return "transformer.h." + name[len("blocks."):]
+    return "transformer." + name if name.startswith(("wte.", "wpe.", "ln_f.")) else name
+
+
+def hf_gpt2_config(cfg: GPTConfig) -> dict:
+    """The transformers.GPT2Config arguments (and config.json fields) of the same architecture."""
+    return dict(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                n_head=cfg.n_head, n_inner=4 * cfg.n_embd, activation_function="gelu", layer_norm_epsilon=1e-5,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=cfg.dropout, scale_attn_weights=True,
+                scale_attn_by_inverse_layer_idx=False, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+
+
+def config_from_hf_gpt2(hf: dict) -> GPTConfig:
+    """Inverse of `hf_gpt2_config` for a GPT-2 config.json; a ValueError names what TinyGPT cannot represent."""
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"model_type={hf.get('model_type')!r}: TinyGPT is a GPT-2 architecture (model_type 'gpt2')")
+    n_embd = hf.get("n_embd", 768)
+    want = {"vocab_size": 256, "activation_function": "gelu", "layer_norm_epsilon": 1e-5, "n_inner": 4 * n_embd,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": True}
+    gpt2_defaults = {"vocab_size": 50257, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+                     "n_inner": 4 * n_embd, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                     "tie_word_embeddings": True}  # GPT2Config's, for keys config.json leaves out
+    got = {k: gpt2_defaults[k] if hf.get(k) is None else hf[k] for k in want}  # n_inner None means 4 * n_embd
+    bad = {k: got[k] for k in want if got[k] != want[k]}
+    if bad:
+        raise ValueError(f"config.json has {bad}, which TinyGPT cannot represent: it needs {want} "
+                         "(byte vocabulary, exact GELU, LayerNorm eps 1e-5, a 4x MLP, tied LM head)")
+    return GPTConfig(vocab_size=256, block_size=hf.get("n_positions", 1024), n_layer=hf.get("n_layer", 12),
+                     n_head=hf.get("n_head", 12), n_embd=n_embd, dropout=float(hf.get("attn_pdrop", 0.0)))
 
 
 def tiny_gpt(pretrained: bool = True, dtype: torch.dtype = torch.float32) -> TinyGPT:
