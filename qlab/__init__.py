@@ -16,6 +16,7 @@ from . import (
     cle,
     data,
     eval,
+    export,
     gptq,
     kernels,
     llm_int8,
@@ -110,5 +111,5 @@ __all__ = [
     "FakeQuantConfig", "QuantLinear", "QuantConv2d", "WeightOnlyLinear", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear",
     "fake_quantize_ste", "LSQFakeQuantize", "FakeQuantize", "FakeQuantLinear", "FakeQuantConv2d",
     "qat_schedule_", "convert_", "llm_int8", "LLMInt8Config", "Int8OutlierLinear", "smoothquant", "SmoothQuantConfig",
-    "gptq", "GPTQConfig", "RTNConfig", "awq", "AWQConfig",
+    "export", "gptq", "GPTQConfig", "RTNConfig", "awq", "AWQConfig",
 ]

@@ -51,7 +51,7 @@ from .calibration import recording
 from .core.granularity import PerGroup
 from .core.qtensor import QTensor, from_codes
 from .core.qtypes import QType, qtype as make_qtype
-from .gptq import _bits_of, _block_inputs, _check_calibration_length, transformer_blocks
+from .gptq import _GroupedWeightConfig, _bits_of, _block_inputs, _check_calibration_length, transformer_blocks
 from .nn import Int4WeightOnlyLinear, WeightOnlyLinear, _group_divisors
 
 CLIP_SKIP = ("*q_*", "*k_*", "*query*", "*key*", "*Wqkv*", "*c_attn")  # layers the clip search leaves alone
@@ -377,7 +377,7 @@ def apply(model: nn.Module, config: AWQConfig, calib_data: Iterable,
 
 # ----------------------------------------------------------------------------- 3) the config
 @dataclass(frozen=True)
-class AWQConfig(QuantConfig):
+class AWQConfig(_GroupedWeightConfig):
     """AWQ on the linears of the model's transformer blocks: scale search, clip search, then (with
     quantize_weights=True) weight-only modules with AWQ's asymmetric group quantizer.
 
@@ -386,8 +386,6 @@ class AWQConfig(QuantConfig):
     mappings=None uses model.awq_mappings(). record_losses keeps each mapping's loss curve in the report.
     """
 
-    qtype: QType | int = 4
-    group_size: int = 128
     n_grid: int = 20
     max_shrink: float = 0.5
     clip: bool = True
@@ -398,18 +396,11 @@ class AWQConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _bits_of(self.qtype)
-        if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ValueError(f"group_size={self.group_size!r} must be a positive integer (e.g. 128) or -1")
         if not isinstance(self.n_grid, int) or self.n_grid < 1:
             raise ValueError(f"n_grid={self.n_grid!r} must be a positive integer (20 in llm-awq)")
         if not 0 <= self.max_shrink < 1:
             raise ValueError(f"max_shrink={self.max_shrink!r} must be in [0, 1): the clip search tries ranges down to "
                              "(1 - max_shrink) of max|w|")
-
-    @property
-    def bits(self) -> int:
-        return _bits_of(self.qtype)
 
     @property
     def needs_calib_data(self) -> bool:

@@ -305,6 +305,23 @@ def layer_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     return float(torch.einsum("nk,kl,nl->", D, H.float(), D) / W.shape[0])
 
 
+def storage(model: nn.Module) -> dict[str, float]:
+    """Real storage of the model's weight-only layers: their weight count, the bytes qlab holds (packed
+    codes, float32 scales, int32 zero points, g_idx) and the bytes of the same layers in an AutoGPTQ
+    checkpoint (qweight, qzeros packed at the code width, fp16 scales, int32 g_idx), with bits per weight."""
+    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
+    if not layers:
+        raise ValueError("the model has no weight-only layers; quantize it first (ql.GPTQConfig, ql.RTNConfig, ...)")
+    weights = sum(m.in_features * m.out_features for m in layers)
+    ours = sum(m.packed_nbytes for m in layers)
+    theirs = 0
+    for m in layers:
+        bits, (N, G) = m.weight_qtype.bits, m.weight_scale.shape
+        theirs += m.in_features * N * bits / 8 + G * N * bits / 8 + G * N * 2 + m.in_features * 4
+    return {"weights": weights, "qlab_bytes": ours, "autogptq_bytes": theirs,
+            "qlab_bits_per_weight": 8 * ours / weights, "autogptq_bits_per_weight": 8 * theirs / weights}
+
+
 # ----------------------------------------------------------------------------- 2) the model walker
 class _StopForward(Exception):
     pass
@@ -486,7 +503,25 @@ def _bits_of(qtype: QType | int) -> int:
 
 
 @dataclass(frozen=True)
-class GPTQConfig(QuantConfig):
+class _GroupedWeightConfig(QuantConfig):
+    """What RTN, GPTQ and AWQ configs share: the code width (qtype: only its bits count) and the group size."""
+
+    qtype: QType | int = 4
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _bits_of(self.qtype)
+        if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(f"group_size={self.group_size!r} must be a positive integer (e.g. 128) or -1 (one group per row)")
+
+    @property
+    def bits(self) -> int:
+        return _bits_of(self.qtype)
+
+
+@dataclass(frozen=True)
+class GPTQConfig(_GroupedWeightConfig):
     """GPTQ on every nn.Linear inside the model's transformer blocks (`ql.quantize_(model, cfg, calib_data=...)`).
 
     qtype: only its bits count (symmetric decides signed/unsigned codes). Defaults are AutoGPTQ's
@@ -494,8 +529,6 @@ class GPTQConfig(QuantConfig):
     reference's asymmetric quantizer, damp 0.01, block_size 128, true_sequential.
     """
 
-    qtype: QType | int = 4
-    group_size: int = 128
     block_size: int = 128
     damp: float = 0.01
     act_order: bool = False
@@ -505,18 +538,11 @@ class GPTQConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _bits_of(self.qtype)
-        if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ValueError(f"group_size={self.group_size!r} must be a positive integer (e.g. 128) or -1 (one group per row)")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size={self.block_size!r} must be a positive integer (128 is the reference's)")
         if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 1):
             raise ValueError(f"damp={self.damp!r} must be in (0, 1): a fraction of mean(diag H), 0.01 by default, "
                              "0.1 if Cholesky fails")
-
-    @property
-    def bits(self) -> int:
-        return _bits_of(self.qtype)
 
     @property
     def needs_calib_data(self) -> bool:
@@ -530,37 +556,43 @@ def _gptq(model: nn.Module, config: GPTQConfig, calib_data) -> nn.Module:
 
 
 @dataclass(frozen=True)
-class RTNConfig(QuantConfig):
+class RTNConfig(_GroupedWeightConfig):
     """Round-to-nearest weight-only quantization with GPTQ's quantizer, any 2..8 bits (the baseline).
+
+    Like GPTQConfig it quantizes the linears inside the transformer blocks only (embeddings and the LM
+    head stay float), so the two are compared on the same layers; a model without blocks gets every
+    selected linear.
 
     For 4 bits it gives the same codes as `ql.Int4WeightOnlyConfig`'s asymmetric scheme up to how the
     symmetric grid is laid out (GPTQ's -8..7 with zero 8 here, qlab's restricted [-7, 7] there)."""
 
-    qtype: QType | int = 4
-    group_size: int = 128
     symmetric: bool = False
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _bits_of(self.qtype)
-        if self.group_size != -1 and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise ValueError(f"group_size={self.group_size!r} must be a positive integer (e.g. 128) or -1")
 
-    @property
-    def bits(self) -> int:
-        return _bits_of(self.qtype)
+def _block_linear_names(model: nn.Module, config: QuantConfig) -> tuple[str, ...] | None:
+    """Names of the selected linears inside the transformer blocks (None if the model has no blocks)."""
+    try:
+        blocks_name, _ = transformer_blocks(model)
+    except ValueError:
+        return None
+    return tuple(n for n, _ in select_modules(model, config) if n.startswith(blocks_name + "."))
 
 
 @register_handler(RTNConfig)
 def _rtn(model: nn.Module, config: RTNConfig, calib_data) -> nn.Module:
+    """The layers GPTQ and AWQ quantize (those inside the transformer blocks: embeddings and LM head stay
+    float), so the baseline is comparable; every selected linear for a model without blocks."""
+    names = _block_linear_names(model, config)
+    selector = QuantConfig(include=names, targets=config.targets) if names else config
+
     def make(name: str, lin: nn.Module) -> nn.Module:
         qt = rtn(lin.weight.detach().float(), config.bits, config.group_size, config.symmetric)
         cls = Int4WeightOnlyLinear if config.bits == 4 else WeightOnlyLinear
         return cls.from_qtensor(qt, lin.bias)
 
-    swap_modules(model, config, make)
+    swap_modules(model, selector, make)
     return model
 
 
 __all__ = ["HessianAccumulator", "hessian", "find_params", "inverse_hessian_factor", "quantize_weight", "rtn",
-           "layer_error", "transformer_blocks", "apply", "LayerReport", "GPTQReport", "GPTQConfig", "RTNConfig"]
+           "layer_error", "storage", "transformer_blocks", "apply", "LayerReport", "GPTQReport", "GPTQConfig", "RTNConfig"]

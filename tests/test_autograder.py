@@ -506,7 +506,7 @@ def test_dask_local_cluster_grades_the_same(course, tmp_path):
 # -- labs 2 and 3 ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lab", ["lab2", "lab3", "lab4"])
+@pytest.mark.parametrize("lab", ["lab2", "lab3", "lab4", "lab5"])
 def test_later_labs_grade_solution_full_and_blank_zero(lab, tmp_path):
     """The hardened grader agrees with nbgrader on labs 2 and 3: the solution earns 100, a blank copy 0."""
     course = tmp_path / "course"
@@ -572,3 +572,34 @@ def test_lab4_flawed_solutions_lose_the_right_points(tmp_path):
         "no_clamp": ["test_smoothing_scales"],
     }, lost
     assert {s: r.score for s, r in results.items()} == {"absmax_all": 60, "bad_alpha": 75, "float_model": 85, "no_clamp": 85}
+
+
+# -- lab 5: a GPTQ without error feedback and an AWQ grid with r = 1 lose exactly their points --------------
+
+
+def test_lab5_flawed_solutions_lose_the_right_points(tmp_path):
+    lab = "lab5"
+    course = tmp_path / "course"
+    course.mkdir()
+    shutil.copy(ROOT / "labs" / "nbgrader_config.py", course)
+    shutil.copytree(ROOT / "labs" / "source" / lab, course / "source" / lab)
+
+    def source():
+        return nbformat.read(ROOT / "labs" / "source" / lab / f"{lab}.ipynb", as_version=4)
+
+    flawed = {
+        # round-to-nearest in GPTQ's clothes: no error is pushed onto the later columns, so the codes differ from
+        # GPTQ's and the tiny GPT keeps RTN's gap; find_params, which it builds on, is still right
+        "no_feedback": edited(source(), "gptq", "err = (w - scale * (q - zero)) / U1[i, i]", "err = torch.zeros_like(w)"),
+        # r = 1 in the grid: the hidden block whose loss keeps falling picks it
+        "r_one": edited(source(), "awq", "for i in range(n_grid):  # r = 1 is not in the grid",
+                        "for i in range(n_grid + 1):"),
+    }
+    submissions = tmp_path / "submitted"
+    for student, nb in flawed.items():
+        (submissions / student / lab).mkdir(parents=True)
+        nbformat.write(nb, submissions / student / lab / f"{lab}.ipynb")
+    results = {r.student: r for r in grade(lab, submissions, course, workers=2, progress=False)}
+    lost = {student: sorted(p.grade_id for p in r.parts if p.points == 0) for student, r in results.items()}
+    assert lost == {"no_feedback": ["test_gptq_layer", "test_gptq_model"], "r_one": ["test_awq_scales"]}, lost
+    assert {s: r.score for s, r in results.items()} == {"no_feedback": 60, "r_one": 80}

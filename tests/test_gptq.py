@@ -6,6 +6,7 @@ naive OBS loop that inverts H restricted to the remaining columns at every step 
 and the model-level properties (sequential walk, kernels, errors).
 """
 
+import copy
 import warnings
 
 import pytest
@@ -173,6 +174,14 @@ def test_bad_inputs_teach():
         ql.GPTQConfig(qtype=1)
 
 
+def test_rtn_config_quantizes_the_layers_gptq_does():
+    model = ql.quantize_(ql.models.tiny_gpt(), ql.RTNConfig(qtype=3, group_size=128))
+    assert isinstance(model.blocks[2].attn.c_proj, ql.WeightOnlyLinear)
+    assert type(model.lm_head) is torch.nn.Linear  # outside the blocks, as in GPTQ
+    mlp = ql.quantize_(torch.nn.Sequential(torch.nn.Linear(64, 64)), ql.RTNConfig(qtype=4, group_size=32))
+    assert isinstance(mlp[0], ql.Int4WeightOnlyLinear)  # no blocks: every selected linear
+
+
 def test_rtn_matches_int4_weight_only_config_asymmetric():
     lin = torch.nn.Linear(64, 32)
     a = gptq.rtn(lin.weight.detach(), 4, group_size=32)
@@ -241,3 +250,24 @@ def test_act_order_model_runs_on_fast_kernels(calib):
     y_ref = x @ lin.dequantize_weight().t() + lin.bias
     assert torch.allclose(y, y_ref, atol=2e-2 * y_ref.abs().max().item())
     assert "reference" not in used, used  # columns reordered once, then a fast int4 kernel
+
+
+def test_gptq_walks_a_hugging_face_decoder():
+    """The walker on a transformers model it has no mapping for: OPT's decoder layers (found as the largest
+    ModuleList), their keyword arguments (attention mask, ...) captured with the first layer's input."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                                 max_position_embeddings=64, word_embed_proj_dim=64)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    ref = copy.deepcopy(model)
+    calib = [torch.randint(0, 256, (2, 32)) for _ in range(2)]
+    name, blocks = gptq.transformer_blocks(model)
+    assert name == "model.decoder.layers"
+    report = gptq.apply(model, ql.GPTQConfig(qtype=4, group_size=32), calib, progress=False)
+    assert len(report.layers) == 12  # q, k, v, out_proj, fc1, fc2 in each of 2 layers
+    assert isinstance(model.model.decoder.layers[1].fc2, ql.Int4WeightOnlyLinear)
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        y, y_ref = model(x).logits, ref(x).logits
+    assert torch.isfinite(y).all() and float((y - y_ref).abs().mean()) < 0.1 * float(y_ref.abs().mean())

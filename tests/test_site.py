@@ -213,10 +213,11 @@ def server(site):
 def test_search_finds_a_chapter_from_a_local_server(browser, site, server):
     visit = Visit(browser, site, "search", DESKTOP, server=server)
     try:
-        visit.page.goto(f"{server}/search.html?q=SmoothQuant", wait_until="load")
-        visit.page.wait_for_selector("#search-results li", timeout=20000)
-        results = visit.page.locator("#search-results li a").all_inner_texts()
-        assert any("Outliers" in r for r in results), results
+        for query, title in (("SmoothQuant", "Outliers"), ("GPTQ", "Weight-only")):
+            visit.page.goto(f"{server}/search.html?q={query}", wait_until="load")
+            visit.page.wait_for_selector("#search-results li", timeout=20000)
+            results = visit.page.locator("#search-results li a").all_inner_texts()
+            assert any(title in r for r in results), (query, results)
         assert visit.errors == [], visit.errors
         assert visit.network == [], visit.network
     finally:
