@@ -433,6 +433,8 @@ def _disable(name: str, lab: str) -> None:
     function = qlab
     for part in name.split("."):
         function = getattr(function, part)
+    while hasattr(function, "__wrapped__"):  # a functools.wraps wrapper (torch.no_grad()) calls the
+        function = function.__wrapped__     # original, whose code is the one to replace
     message = f"ql.{name} is disabled while grading {lab}: write it yourself"
     code = _disabled_stub.__code__
     consts = tuple(message if const == "MESSAGE" else const for const in code.co_consts)

@@ -393,6 +393,7 @@ class AWQConfig(_GroupedWeightConfig):
     quantize_weights: bool = True
     record_losses: bool = False
     mappings: tuple[Mapping, ...] | None = None
+    progress: bool = True  # a tqdm bar per block (False in the book's pages)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -409,7 +410,7 @@ class AWQConfig(_GroupedWeightConfig):
 
 @register_handler(AWQConfig)
 def _awq(model: nn.Module, config: AWQConfig, calib_data) -> nn.Module:
-    apply(model, config, calib_data)
+    apply(model, config, calib_data, progress=config.progress)
     return model
 
 

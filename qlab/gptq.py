@@ -535,6 +535,7 @@ class GPTQConfig(_GroupedWeightConfig):
     static_groups: bool = False
     symmetric: bool = False
     true_sequential: bool = True
+    progress: bool = True  # a tqdm bar per block (False in the book's pages)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -551,7 +552,7 @@ class GPTQConfig(_GroupedWeightConfig):
 
 @register_handler(GPTQConfig)
 def _gptq(model: nn.Module, config: GPTQConfig, calib_data) -> nn.Module:
-    apply(model, config, calib_data)
+    apply(model, config, calib_data, progress=config.progress)
     return model
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -603,3 +604,34 @@ def test_lab5_flawed_solutions_lose_the_right_points(tmp_path):
     lost = {student: sorted(p.grade_id for p in r.parts if p.points == 0) for student, r in results.items()}
     assert lost == {"no_feedback": ["test_gptq_layer", "test_gptq_model"], "r_one": ["test_awq_scales"]}, lost
     assert {s: r.score for s, r in results.items()} == {"no_feedback": 60, "r_one": 80}
+
+
+# -- disabling qlab's functions ------------------------------------------------------------------------------
+
+
+def test_every_specs_disabled_function_raises_when_called():
+    """Each name a grading spec disables, decorated ones included (torch.no_grad() wraps the function in a
+    closure), raises the 'disabled while grading' error. In a child process: disabling is for good."""
+    program = textwrap.dedent("""
+        import importlib, inspect, pathlib
+        import qlab
+        from autograder.sandbox import _disable
+        for spec in sorted(pathlib.Path("autograder/specs").glob("lab*.py")):
+            for name in importlib.import_module(f"autograder.specs.{spec.stem}").DISABLED:
+                _disable(name, spec.stem)
+                function = qlab
+                for part in name.split("."):
+                    function = getattr(function, part)
+                arguments = [None] * len([p for p in inspect.signature(function).parameters.values()
+                                          if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD])
+                try:
+                    function(*arguments)
+                except RuntimeError as error:
+                    assert f"ql.{name} is disabled while grading {spec.stem}" in str(error), error
+                else:
+                    raise AssertionError(f"{name} still runs")
+                print("disabled", name)
+    """)
+    proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "disabled gptq.quantize_weight" in proc.stdout and "disabled awq.scale_grid_losses" in proc.stdout
