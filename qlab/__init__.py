@@ -20,8 +20,10 @@ from . import (
     gptq,
     kernels,
     llm_int8,
+    lora,
     metrics,
     models,
+    nf4,
     nn,
     observers,
     qat,
@@ -81,6 +83,8 @@ from .core import (
 from .core.qtensor import from_codes
 from .awq import AWQConfig
 from .gptq import GPTQConfig, RTNConfig
+from .lora import LoRAConfig, LoRALinear
+from .nf4 import NF4Config, NF4Linear
 from .llm_int8 import Int8OutlierLinear, LLMInt8Config
 from .smoothquant import SmoothQuantConfig
 from .formats import FORMATS, nf4_codebook, representable_values, round_to_format, spacing
@@ -111,5 +115,6 @@ __all__ = [
     "FakeQuantConfig", "QuantLinear", "QuantConv2d", "WeightOnlyLinear", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear",
     "fake_quantize_ste", "LSQFakeQuantize", "FakeQuantize", "FakeQuantLinear", "FakeQuantConv2d",
     "qat_schedule_", "convert_", "llm_int8", "LLMInt8Config", "Int8OutlierLinear", "smoothquant", "SmoothQuantConfig",
-    "export", "gptq", "GPTQConfig", "RTNConfig", "awq", "AWQConfig",
+    "export", "gptq", "GPTQConfig", "RTNConfig", "awq", "AWQConfig", "nf4", "NF4Config", "NF4Linear", "lora",
+    "LoRAConfig", "LoRALinear",
 ]

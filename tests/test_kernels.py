@@ -95,7 +95,19 @@ def int_mm_cases(device):
         yield a.to(device), w.t().to(device)
 
 
-CASES = {"int_mm": int_mm_cases, "linear_w8a8": w8a8_cases, "linear_weight_only": weight_only_cases}
+def four_bit_cases(device):
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 256, generator=g)
+    ts = [ql.nf4.quantize_4bit(w, "nf4", 64), ql.nf4.quantize_4bit(w, "nf4", 64, double_quant=True),
+          ql.nf4.quantize_4bit(w, "fp4", 128)]
+    for M in (1, 16):
+        x = torch.randn(M, 256, generator=g)
+        for t in ts:
+            yield x.to(device), t.to(device), KernelCache()
+
+
+CASES = {"int_mm": int_mm_cases, "linear_w8a8": w8a8_cases, "linear_weight_only": weight_only_cases,
+         "linear_4bit": four_bit_cases}
 
 
 def test_every_op_has_cases_and_a_reference():

@@ -1,0 +1,127 @@
+"""qlab.lora against PEFT (the reference implementation of LoRA) and against the equation by hand."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import qlab as ql
+from qlab import lora
+
+peft = pytest.importorskip("peft")
+
+
+class _One(nn.Module):
+    def __init__(self, K=96, N=40):
+        super().__init__()
+        self.lin = nn.Linear(K, N)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _peft_model(base, rank, alpha, use_rslora=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0, use_rslora=use_rslora)
+    return peft.get_peft_model(copy.deepcopy(base), cfg)
+
+
+@pytest.mark.parametrize("rank,alpha,use_rslora", [(8, 8, False), (4, 16, False), (16, 16, True)])
+def test_same_seed_gives_peft_adapter_and_output(rank, alpha, use_rslora):
+    torch.manual_seed(123)
+    base = _One()
+    theirs = _peft_model(base, rank, alpha, use_rslora)
+    torch.manual_seed(0)
+    ours = lora.LoRALinear(copy.deepcopy(base.lin), rank, alpha, use_rslora=use_rslora)
+    layer = theirs.base_model.model.lin
+    assert torch.equal(ours.lora_A.weight, layer.lora_A["default"].weight)  # kaiming_uniform_(a=sqrt(5)), same draws
+    assert torch.equal(ours.lora_B.weight, layer.lora_B["default"].weight)  # zeros
+    assert ours.scaling == layer.scaling["default"] == (alpha / math.sqrt(rank) if use_rslora else alpha / rank)
+    with torch.no_grad():  # a trained adapter: give B values, the same in both
+        B = torch.randn_like(ours.lora_B.weight)
+        ours.lora_B.weight.copy_(B)
+        layer.lora_B["default"].weight.copy_(B)
+    x = torch.randn(3, 7, 96)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+    # merged weights: PEFT's merge_and_unload on a float base vs ql.lora.merge_
+    merged_theirs = theirs.merge_and_unload().lin
+    holder = nn.Sequential()
+    holder.add_module("lin", ours)
+    report = lora.merge_(holder, requantize=False)
+    assert report.layers == {"lin": 0.0}
+    assert torch.allclose(holder.lin.weight, merged_theirs.weight, atol=1e-6)
+    assert torch.equal(holder.lin.bias, merged_theirs.bias)
+
+
+def test_forward_is_the_equation_by_hand_with_dropout_off_in_eval():
+    torch.manual_seed(0)
+    base = nn.Linear(32, 24)
+    layer = lora.LoRALinear(base, rank=4, alpha=12, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    layer.eval()
+    x = torch.randn(5, 32)
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    assert torch.allclose(layer(x), x @ base.weight.t() + base.bias + (x @ A.t()) @ B.t() * 3.0, atol=1e-5)
+    layer.train()
+    assert not torch.allclose(layer(x), layer.eval()(x))  # dropout acts in training
+
+
+def test_qlora_recipe_trains_only_adapters_on_an_nf4_base():
+    model = ql.models.tiny_gpt()
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_out = ql.quantize_(copy.deepcopy(model), ql.nf4.NF4Config(include=("blocks.*",)))(tokens)
+    ql.quantize_(model, [ql.nf4.NF4Config(double_quant=True, include=("blocks.*",)),
+                         lora.LoRAConfig(rank=8, alpha=16, include=("blocks.*",))])
+    adapters = lora.adapters(model)
+    assert len(adapters) == 4 * len(model.blocks)
+    assert all(isinstance(layer.base, ql.nf4.NF4Linear) for _, layer in adapters)
+    n_trainable = lora.trainable_parameters(model)
+    assert n_trainable == sum(8 * (layer.in_features + layer.out_features) for _, layer in adapters)
+    assert not model.wte.weight.requires_grad  # everything but the adapters is frozen, as in PEFT
+    with torch.no_grad():  # B = 0: the adapters change nothing yet (double quantization moves the base a little)
+        out = model(tokens)
+    assert float((out - base_out).abs().max()) < 0.05 * float(base_out.abs().max())
+    loss = nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert len(grads) == 2 * len(adapters) and all(g is not None for g in grads)
+
+
+def test_merge_into_nf4_reports_the_rounding_cost():
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(ql.nf4.NF4Linear.from_float(nn.Linear(128, 64)), rank=8, alpha=16)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(std=0.01)  # a small update, as after fine-tuning
+    holder = nn.Sequential()
+    holder.add_module("lin", layer)
+    expected = layer.base.dequantize_weight() + layer.delta_weight()
+    report = lora.merge_(copy.deepcopy(holder), requantize=True)
+    assert report.layers["lin"] > 0.1  # a 4-bit grid cannot hold a small update: much of it is rounded away
+    floated = copy.deepcopy(holder)
+    assert lora.merge_(floated, requantize=False).layers["lin"] < 1e-5
+    assert type(floated.lin) is nn.Linear and torch.allclose(floated.lin.weight, expected, atol=1e-6)
+
+
+def test_bad_input_teaches():
+    with pytest.raises(ValueError, match=r"rank=0 must be an integer in \[1, min\(in_features, out_features\)\] = \[1, 8\]"):
+        lora.LoRALinear(nn.Linear(16, 8), rank=0)
+    with pytest.raises(ValueError, match=r"= \[1, 8\]"):
+        lora.LoRALinear(nn.Linear(16, 8), rank=9)
+    with pytest.raises(ValueError, match="LoRA wraps linear layers.*got Conv2d"):
+        lora.LoRALinear(nn.Conv2d(3, 3, 3))
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        lora.LoRALinear(lora.LoRALinear(nn.Linear(16, 8)))
+    with pytest.raises(ValueError, match="no LoRA adapters to merge"):
+        lora.merge_(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="rank=-1 must be a positive integer"):
+        lora.LoRAConfig(rank=-1)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3))
+    with pytest.raises(ValueError, match="LoRAConfig targets"):
+        ql.quantize_(model, lora.LoRAConfig())
+    twice = ql.quantize_(nn.Sequential(nn.Linear(8, 8)), lora.LoRAConfig(rank=2))
+    with pytest.raises(ValueError, match="selects no module"):  # its base and lora_A/B are not wrapped again
+        ql.quantize_(twice, lora.LoRAConfig(rank=2))
