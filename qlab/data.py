@@ -35,6 +35,42 @@ def pydoc_corpus(split: str = "train") -> torch.Tensor:
     return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
 
 
+# A second domain for fine-tuning (chapter 7): Python source code of pure-Python standard-library modules,
+# split by module. The Tiny GPT was trained on English documentation, never on code.
+SOURCE_MODULES = {
+    "train": ("textwrap", "string", "fractions", "colorsys", "heapq", "bisect", "shlex", "fnmatch", "glob", "calendar",
+              "dataclasses", "functools", "statistics", "copy", "pprint", "difflib", "numbers", "graphlib", "contextlib",
+              "enum", "ipaddress", "operator", "sched", "secrets", "timeit", "tokenize", "weakref", "abc", "base64",
+              "cmd", "codeop", "filecmp", "getopt", "gettext", "hmac", "keyword", "linecache", "mimetypes", "netrc",
+              "optparse", "posixpath", "queue", "reprlib", "runpy", "selectors", "shutil", "stat", "tempfile",
+              "traceback", "types", "warnings", "zipapp"),
+    "val": ("json.decoder", "json.encoder", "csv", "random", "argparse"),
+}
+
+
+def python_source(split: str = "train") -> torch.Tensor:
+    """Python source code of standard-library modules as a 1-D uint8 tensor of UTF-8 bytes (no network).
+
+    The files are read from this interpreter's standard library (nothing is imported), in the fixed
+    order of SOURCE_MODULES[split]; "train" and "val" are different modules. The exact bytes follow the
+    Python version, so numbers computed on them are recomputed on each machine.
+    """
+    import os
+    import sysconfig
+
+    if split not in SOURCE_MODULES:
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    stdlib = sysconfig.get_paths()["stdlib"]
+    texts = []
+    for name in SOURCE_MODULES[split]:
+        path = os.path.join(stdlib, *name.split(".")) + ".py"
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: this Python ships without the source of {name!r}")
+        with open(path, encoding="utf-8") as f:
+            texts.append(f.read())
+    return torch.frombuffer(bytearray("\n\n".join(texts).encode("utf-8")), dtype=torch.uint8).clone()
+
+
 def _prose(split: str) -> set[str]:
     import re
 

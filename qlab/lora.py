@@ -202,5 +202,138 @@ def _lora(model: nn.Module, config: LoRAConfig, calib_data) -> nn.Module:
     return model
 
 
+# ----------------------------------------------------------------------------- 4) fine-tuning
+@dataclass
+class FinetuneReport:
+    """What a fine-tune did and cost: the loss per step, wall time, which optimizer ran, the parameters it
+    updated, the bytes of its state, and the peak growth of the process's resident memory while training."""
+
+    losses: list[float]
+    seconds: float
+    optimizer: str
+    trainable_parameters: int
+    optimizer_state_bytes: int
+    peak_memory_bytes: int
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, optimizer: str = "auto") -> tuple[torch.optim.Optimizer, str]:
+    """The optimizer and its name. "auto": bitsandbytes' paged 8-bit AdamW on CUDA (QLoRA's), its 8-bit AdamW
+    on CPU (paging needs CUDA's unified memory), torch's AdamW when bitsandbytes is missing. "adamw8bit",
+    "paged_adamw8bit" and "adamw" ask for one. 8-bit state is used for every tensor of 256 values or more
+    (bitsandbytes' default threshold, 4096, would keep small adapters in 32 bits)."""
+    device = params[0].device.type
+    if optimizer == "auto":
+        try:
+            import bitsandbytes  # noqa: F401
+            optimizer = "paged_adamw8bit" if device == "cuda" else "adamw8bit"
+        except ImportError:
+            optimizer = "adamw"
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), "torch AdamW (32-bit state)"
+    if optimizer in ("adamw8bit", "paged_adamw8bit"):
+        if optimizer == "paged_adamw8bit" and device != "cuda":
+            raise ValueError("paged optimizers page their state through CUDA unified memory; on CPU use 'adamw8bit'")
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+        return cls(params, lr=lr, weight_decay=0.0, min_8bit_size=256), f"bitsandbytes {cls.__name__} ({device})"
+    raise ValueError(f"optimizer={optimizer!r}: use 'auto', 'adamw8bit', 'paged_adamw8bit' or 'adamw'")
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor the optimizer keeps per parameter (moments, their 8-bit absmax and maps)."""
+    return sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))
+
+
+def _release_free_memory() -> None:
+    """Give memory freed earlier back to the OS (glibc's malloc_trim), so the next peak starts from what is used."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement may then include memory freed earlier
+        pass
+
+
+class _PeakMemory:
+    """Peak resident-memory growth of this process inside a `with` block, sampled every 2 ms by a thread."""
+
+    def __enter__(self) -> _PeakMemory:
+        import threading
+
+        import psutil
+
+        self._process, self._stop = psutil.Process(), threading.Event()
+        _release_free_memory()
+        self.start = self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def causal_lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of tokens x (B, T): predict x[:, 1:] from x[:, :-1] (nats)."""
+    out = model(x[:, :-1])
+    logits = out.logits if hasattr(out, "logits") else out  # a Hugging Face model returns an output object
+    return nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+
+
+def finetune(model: nn.Module, data: torch.Tensor, steps: int = 100, batch_size: int = 8, seq_len: int = 128,
+             lr: float = 1e-3, optimizer: str = "auto", max_grad_norm: float = 0.3, seed: int = 0,
+             progress: bool = True) -> FinetuneReport:
+    """Train the model's trainable parameters (the adapters, after LoRAConfig) on random windows of `data`.
+
+    QLoRA's recipe: constant learning rate, gradient clipping at 0.3, (paged) 8-bit AdamW. data is a 1-D
+    token tensor; each step draws batch_size windows of seq_len + 1 tokens (seeded). Works the same for a
+    qlab TinyGPT and a Hugging Face causal LM, on whatever device the model is on.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .data import lm_batch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: add adapters first (ql.LoRAConfig), or unfreeze it")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be a positive integer")
+    device = params[0].device
+    opt, name = make_optimizer(params, lr, optimizer)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    t0 = time.perf_counter()
+    with _PeakMemory() as memory:
+        for _ in tqdm(range(steps), desc="fine-tune", unit="step", disable=not progress):
+            x, _ = lm_batch(data, batch_size, seq_len + 1, g)  # (B, T + 1)
+            loss = causal_lm_loss(model, x.to(device))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    model.eval()
+    return FinetuneReport(losses, time.perf_counter() - t0, name, sum(p.numel() for p in params),
+                          optimizer_state_bytes(opt), memory.growth)
+
+
 __all__ = ["lora_scaling", "delta_weight", "WRAPPABLE", "LoRALinear", "adapters", "trainable_parameters", "merge_",
-           "MergeReport", "LoRAConfig"]
+           "MergeReport", "LoRAConfig", "FinetuneReport", "make_optimizer", "optimizer_state_bytes", "causal_lm_loss",
+           "finetune"]

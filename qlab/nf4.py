@@ -134,7 +134,7 @@ class Tensor4bit:
 
     def dequantize(self) -> torch.Tensor:
         """w_hat = level[code] * absmax of its block, computed in float32, returned in the original dtype."""
-        values = codebook(self.quant_type).to(self.qdata.device)[self.codes().reshape(-1).long()]
+        values = codebook(self.quant_type).to(self.qdata.device)[self.codes().reshape(-1).int()]
         absmax = self.block_absmax().repeat_interleave(self.group_size)[: values.numel()]
         return (values * absmax).reshape(self.shape).to(self.dtype)
 
@@ -230,6 +230,29 @@ def dequantize_4bit(t: Tensor4bit) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- 3) the layer and the config
+class _Matmul4bit(torch.autograd.Function):
+    """y = x W^T for a frozen 4-bit W that is dequantized again in backward instead of being kept: the
+    float weight never outlives one matmul (bitsandbytes' MatMul4Bit does the same)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, t: Tensor4bit) -> torch.Tensor:
+        ctx.t = t
+        return x @ t.dequantize().float().t()  # (M, K) @ (K, N)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        return grad_y @ ctx.t.dequantize().float(), None  # (M, N) @ (N, K); the weight gets no gradient
+
+
+def linear_4bit(x: torch.Tensor, t: Tensor4bit, cache=None) -> torch.Tensor:
+    """The reference kernel of op "linear_4bit": x (M, K) @ W^T in float32 with W = t.dequantize() (N, K),
+    returned in x's dtype; gradients flow to x, and W is dequantized again for them (not stored)."""
+    return _Matmul4bit.apply(x.float(), t).to(x.dtype)
+
+
+kernels.register("linear_4bit", kernels.REFERENCE, lambda *args: True, linear_4bit, priority=-100)
+
+
 @register_quantized_module
 class NF4Linear(nn.Module):
     """A linear layer whose frozen weight is stored in 4-bit blocks (NF4 or FP4): QLoRA's base layer.
@@ -313,4 +336,5 @@ def _nf4(model: nn.Module, config: NF4Config, calib_data) -> nn.Module:
 
 
 __all__ = ["QUANT_TYPES", "NF4_LEVELS", "BLOCK_SIZES", "NESTED_BLOCK_SIZE", "codebook", "dynamic_map", "nearest_level", "Tensor4bit",
-           "quantize_blockwise", "dequantize_blockwise", "quantize_4bit", "dequantize_4bit", "NF4Linear", "NF4Config"]
+           "quantize_blockwise", "dequantize_blockwise", "quantize_4bit", "dequantize_4bit", "linear_4bit",
+           "NF4Linear", "NF4Config"]

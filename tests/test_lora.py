@@ -125,3 +125,55 @@ def test_bad_input_teaches():
     twice = ql.quantize_(nn.Sequential(nn.Linear(8, 8)), lora.LoRAConfig(rank=2))
     with pytest.raises(ValueError, match="selects no module"):  # its base and lora_A/B are not wrapped again
         ql.quantize_(twice, lora.LoRAConfig(rank=2))
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def test_finetune_trains_adapters_with_8bit_state_and_lowers_the_loss():
+    torch.manual_seed(0)
+    data = ql.data.python_source("train")[:50_000]
+    reports = {}
+    for optimizer in ("adamw8bit", "adamw"):
+        model = ql.quantize_(ql.models.tiny_gpt(), [ql.NF4Config(include=("blocks.*",)),
+                                                   lora.LoRAConfig(rank=8, alpha=16, include=("blocks.*",))])
+        frozen = {n: b.clone() for n, b in model.named_buffers()}
+        held_out = ql.data.python_source("val")[:4 * 65].reshape(4, 65).long()
+        with torch.no_grad():
+            before = float(lora.causal_lm_loss(model, held_out))
+        reports[optimizer] = lora.finetune(model, data, steps=6, batch_size=4, seq_len=64, lr=3e-3,
+                                           optimizer=optimizer, progress=False)
+        with torch.no_grad():
+            after = float(lora.causal_lm_loss(model, held_out))
+        assert after < before, (optimizer, before, after)  # code is new to the tiny GPT: a few steps already help
+        assert all(torch.equal(b, frozen[n]) for n, b in model.named_buffers())  # the 4-bit base never moves
+        assert not model.training
+    eight, full = reports["adamw8bit"], reports["adamw"]
+    assert eight.optimizer == "bitsandbytes AdamW8bit (cpu)" and full.optimizer.startswith("torch AdamW")
+    layers = [m for _, m in lora.adapters(model)]
+    assert eight.trainable_parameters == full.trainable_parameters == sum(8 * (m.in_features + m.out_features)
+                                                                          for m in layers)
+    # torch AdamW: two fp32 moments per value and a 0-d step counter per tensor
+    assert full.optimizer_state_bytes == 8 * full.trainable_parameters + 4 * 2 * len(layers)
+    assert eight.optimizer_state_bytes < full.optimizer_state_bytes / 3
+    for r in reports.values():
+        assert len(r.losses) == 6 and all(math.isfinite(v) for v in r.losses) and r.seconds > 0
+
+
+def test_finetune_and_optimizer_errors():
+    model = ql.models.tiny_gpt()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters: add adapters first"):
+        lora.finetune(model, ql.data.python_source("val"), steps=1)
+    params = [nn.Parameter(torch.zeros(4))]
+    with pytest.raises(ValueError, match="paged optimizers.*on CPU use 'adamw8bit'"):
+        lora.make_optimizer(params, 1e-3, "paged_adamw8bit")
+    with pytest.raises(ValueError, match="optimizer='sgd'"):
+        lora.make_optimizer(params, 1e-3, "sgd")
+
+
+def test_python_source_splits_are_different_modules():
+    train, val = ql.data.python_source("train"), ql.data.python_source("val")
+    assert train.dtype == torch.uint8 and train.numel() > 500_000 and val.numel() > 100_000
+    assert b"class JSONDecoder" in bytes(val[:200_000].tolist()) and b"class JSONDecoder" not in bytes(train.tolist())
+    with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
+        ql.data.python_source("test")

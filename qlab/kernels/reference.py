@@ -5,7 +5,8 @@ Four ops cover all of qlab's quantized linear layers (x: activations (M, K), W: 
     int_mm(a, b)                               int8 (M, K) @ int8 (K, N) -> int32 (M, N), exact integer sums
     linear_w8a8(x, w_q, w_scale, act, cache)   quantize x (act), exact integer GEMM with w_q, rescale -> (M, N)
     linear_weight_only(x, qt, cache)           x @ qt.dequantize()^T: dequantize the QTensor, then matmul
-    linear_4bit(x, t, cache)                   the same for NF4/FP4 blocks (a ql.nf4.Tensor4bit), QLoRA's base
+    linear_4bit(x, t, cache)                   the same for NF4/FP4 blocks (registered by qlab.nf4, next to its
+                                               Tensor4bit: the weight is dequantized again in backward)
 
 `int_mm` multiplies the integer codes in float64: every product is at most 128 * 128 = 2^14 in size and a
 sum of K of them stays below 2^53 (where float64 stops representing integers exactly) for any
@@ -126,7 +127,6 @@ def _register() -> None:
     register("int_mm", "reference", _always, int_mm, priority=-100)
     register("linear_w8a8", "reference", _always, linear_w8a8, priority=-100)
     register("linear_weight_only", "reference", _always, linear_weight_only, priority=-100)
-    register("linear_4bit", "reference", _always, linear_weight_only, priority=-100)  # NF4/FP4 blocks: qt is a Tensor4bit
 
 
 _register()
