@@ -17,6 +17,7 @@ from . import (
     data,
     eval,
     export,
+    fp8,
     gptq,
     kernels,
     llm_int8,
@@ -83,6 +84,7 @@ from .core import (
 from .core.qtensor import from_codes
 from .awq import AWQConfig
 from .gptq import GPTQConfig, RTNConfig
+from .fp8 import FP8Config, FP8Linear
 from .lora import LoRAConfig, LoRALinear
 from .nf4 import NF4Config, NF4Linear
 from .llm_int8 import Int8OutlierLinear, LLMInt8Config
@@ -116,5 +118,5 @@ __all__ = [
     "fake_quantize_ste", "LSQFakeQuantize", "FakeQuantize", "FakeQuantLinear", "FakeQuantConv2d",
     "qat_schedule_", "convert_", "llm_int8", "LLMInt8Config", "Int8OutlierLinear", "smoothquant", "SmoothQuantConfig",
     "export", "gptq", "GPTQConfig", "RTNConfig", "awq", "AWQConfig", "nf4", "NF4Config", "NF4Linear", "lora",
-    "LoRAConfig", "LoRALinear",
+    "LoRAConfig", "LoRALinear", "fp8", "FP8Config", "FP8Linear",
 ]

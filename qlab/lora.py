@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .api import QuantConfig, register_handler, swap_modules
-from .nf4 import NF4Linear
+from .nf4 import NF4Linear, import_bitsandbytes
 from .nn import WeightOnlyLinear
 
 
@@ -223,18 +223,16 @@ def make_optimizer(params: list[nn.Parameter], lr: float, optimizer: str = "auto
     (bitsandbytes' default threshold, 4096, would keep small adapters in 32 bits)."""
     device = params[0].device.type
     if optimizer == "auto":
-        try:
-            import bitsandbytes  # noqa: F401
-            optimizer = "paged_adamw8bit" if device == "cuda" else "adamw8bit"
-        except ImportError:
-            optimizer = "adamw"
+        has_bnb = import_bitsandbytes() is not None
+        optimizer = "adamw" if not has_bnb else "paged_adamw8bit" if device == "cuda" else "adamw8bit"
     if optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0), "torch AdamW (32-bit state)"
     if optimizer in ("adamw8bit", "paged_adamw8bit"):
         if optimizer == "paged_adamw8bit" and device != "cuda":
             raise ValueError("paged optimizers page their state through CUDA unified memory; on CPU use 'adamw8bit'")
-        import bitsandbytes as bnb
-
+        bnb = import_bitsandbytes()
+        if bnb is None:
+            raise ValueError(f"optimizer={optimizer!r} needs bitsandbytes (pip install bitsandbytes); or use 'adamw'")
         cls = bnb.optim.PagedAdamW8bit if optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
         return cls(params, lr=lr, weight_decay=0.0, min_8bit_size=256), f"bitsandbytes {cls.__name__} ({device})"
     raise ValueError(f"optimizer={optimizer!r}: use 'auto', 'adamw8bit', 'paged_adamw8bit' or 'adamw'")

@@ -95,6 +95,23 @@ def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return order[torch.bucketize(x, midpoints)]
 
 
+def import_bitsandbytes():
+    """The `bitsandbytes` package if it is installed, else None, imported quietly: on CPUs with AVX-512 BF16
+    its import logs a notice about an optional kernel package, and it touches deprecated torch APIs."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import bitsandbytes
+            import bitsandbytes.functional  # noqa: F401
+        except ImportError:
+            return None
+    return bitsandbytes
+
+
 # ----------------------------------------------------------------------------- 2) one tensor
 @dataclass
 class Tensor4bit:
@@ -336,5 +353,5 @@ def _nf4(model: nn.Module, config: NF4Config, calib_data) -> nn.Module:
 
 
 __all__ = ["QUANT_TYPES", "NF4_LEVELS", "BLOCK_SIZES", "NESTED_BLOCK_SIZE", "codebook", "dynamic_map", "nearest_level", "Tensor4bit",
-           "quantize_blockwise", "dequantize_blockwise", "quantize_4bit", "dequantize_4bit", "linear_4bit",
+           "quantize_blockwise", "dequantize_blockwise", "quantize_4bit", "dequantize_4bit", "linear_4bit", "import_bitsandbytes",
            "NF4Linear", "NF4Config"]

@@ -106,8 +106,14 @@ def four_bit_cases(device):
             yield x.to(device), t.to(device), KernelCache()
 
 
+def scaled_mm_cases(device):
+    from test_fp8 import scaled_mm_cases as cases  # FP8 operands, written next to qlab.fp8's own tests
+
+    yield from cases(device)
+
+
 CASES = {"int_mm": int_mm_cases, "linear_w8a8": w8a8_cases, "linear_weight_only": weight_only_cases,
-         "linear_4bit": four_bit_cases}
+         "linear_4bit": four_bit_cases, "scaled_mm": scaled_mm_cases}
 
 
 def test_every_op_has_cases_and_a_reference():
