@@ -177,3 +177,27 @@ def test_python_source_splits_are_different_modules():
     assert b"class JSONDecoder" in bytes(val[:200_000].tolist()) and b"class JSONDecoder" not in bytes(train.tolist())
     with pytest.raises(ValueError, match="split must be 'train' or 'val'"):
         ql.data.python_source("test")
+
+
+def test_bench_qlora_runs_on_a_local_hugging_face_model(tmp_path, capsys):
+    """bench/qlora.py, the chapter's code path for a real LLM, on a tiny OPT saved to a folder (no tokenizer:
+    it is fed bytes)."""
+    transformers = pytest.importorskip("transformers")
+    import importlib.util
+    import pathlib
+
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                                 max_position_embeddings=128, word_embed_proj_dim=64)
+    transformers.OPTForCausalLM(cfg).save_pretrained(tmp_path)
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "qlora.py"
+    spec = importlib.util.spec_from_file_location("bench_qlora", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--model", str(tmp_path), "--steps", "20", "--rank", "4", "--batch", "4", "--seq-len", "64",
+                "--lr", "3e-3", "--tokens", "512"])
+    out = capsys.readouterr().out
+    assert "12 linear layers in NF4 + DQ with rank-4 adapters" in out and "bitsandbytes AdamW8bit (cpu)" in out
+    line = next(l for l in out.splitlines() if l.startswith("perplexity on val code"))
+    before, after = (float(v) for v in line.split()[-3::2])
+    assert after < before  # an untrained OPT learns the byte statistics of code in 20 steps
