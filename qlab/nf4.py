@@ -35,6 +35,7 @@ Storage per weight: 4 + 32/64 = 4.5 bits with blocks of 64, 4 + 8/64 + 32/(64*25
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -95,9 +96,10 @@ def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return order[torch.bucketize(x, midpoints)]
 
 
+@functools.lru_cache(maxsize=None)
 def import_bitsandbytes():
-    """The `bitsandbytes` package if it is installed, else None, imported quietly: on CPUs with AVX-512 BF16
-    its import logs a notice about an optional kernel package, and it touches deprecated torch APIs."""
+    """The `bitsandbytes` package if it is installed, else None, imported quietly (once): on CPUs with AVX-512
+    BF16 its import logs a notice about an optional kernel package, and it touches deprecated torch APIs."""
     import logging
     import warnings
 
@@ -151,9 +153,15 @@ class Tensor4bit:
 
     def dequantize(self) -> torch.Tensor:
         """w_hat = level[code] * absmax of its block, computed in float32, returned in the original dtype."""
-        values = codebook(self.quant_type).to(self.qdata.device)[self.codes().reshape(-1).int()]
-        absmax = self.block_absmax().repeat_interleave(self.group_size)[: values.numel()]
-        return (values * absmax).reshape(self.shape).to(self.dtype)
+        n, blocks = math.prod(self.shape), self.absmax.numel()
+        levels = codebook(self.quant_type).to(self.qdata.device)
+        pairs = torch.stack([levels.repeat_interleave(16), levels.repeat(16)], dim=1)  # (256, 2): a byte's 2 values
+        # one 8-byte lookup per byte (both float32 values at once, high nibble first), then view them as float32
+        values = pairs.view(torch.float64).reshape(256).index_select(0, self.qdata.int()).view(torch.float32)
+        if values.numel() != blocks * self.group_size:  # a short tail block, or the pad of an odd count
+            values = torch.nn.functional.pad(values[:n], (0, blocks * self.group_size - n))
+        w_hat = values.view(blocks, self.group_size).mul_(self.block_absmax()[:, None])  # (blocks, group_size)
+        return w_hat.reshape(-1)[:n].reshape(self.shape).to(self.dtype)
 
     def to(self, device: torch.device | str) -> Tensor4bit:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -268,6 +276,43 @@ def linear_4bit(x: torch.Tensor, t: Tensor4bit, cache=None) -> torch.Tensor:
 
 
 kernels.register("linear_4bit", kernels.REFERENCE, lambda *args: True, linear_4bit, priority=-100)
+
+BNB_CPU, BNB_CUDA = "bitsandbytes matmul_4bit (cpu)", "bitsandbytes matmul_4bit (cuda)"
+
+
+def _bnb_pack(t: Tensor4bit):
+    """bitsandbytes' view of the same bytes: the packed weight as a (1, bytes) row and a QuantState (no copy)."""
+    functional = import_bitsandbytes().functional
+    nested = None
+    if t.double_quant:
+        nested = functional.QuantState(absmax=t.nested_absmax, code=dynamic_map().to(t.qdata.device),
+                                       blocksize=NESTED_BLOCK_SIZE, dtype=torch.float32)
+    state = functional.QuantState(absmax=t.absmax, shape=t.shape, code=codebook(t.quant_type).to(t.qdata.device),
+                                  blocksize=t.group_size, quant_type=t.quant_type, dtype=torch.float32,
+                                  offset=t.offset, state2=nested)
+    return t.qdata.reshape(-1, 1).t(), state
+
+
+def _bnb_supports(device_type: str):
+    def supports(x: torch.Tensor, t: Tensor4bit, cache=None) -> bool:
+        return (cache is not None and x.device.type == device_type == t.qdata.device.type and x.dim() == 2
+                and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and import_bitsandbytes() is not None)
+
+    return supports
+
+
+def _bnb_linear_4bit(x: torch.Tensor, t: Tensor4bit, cache=None) -> torch.Tensor:
+    name = BNB_CUDA if x.is_cuda else BNB_CPU
+    packed, state = cache.get_packed(_BNB[name], x.device, t)
+    return import_bitsandbytes().matmul_4bit(x, packed, state)  # dequantizes again in backward, as linear_4bit
+
+
+# bitsandbytes' own 4-bit matmul on the very same bytes (its autograd keeps no float weight either). On CPU it
+# gives the reference's result bit for bit with float32 inputs (bench/nf4.py times both); 16-bit inputs are
+# computed in 16 bits there, hence the tolerance.
+_BNB = {name: kernels.register("linear_4bit", name, _bnb_supports(dev), _bnb_linear_4bit, pack=_bnb_pack,
+                               priority=10, tolerance=1e-2)
+        for name, dev in ((BNB_CPU, "cpu"), (BNB_CUDA, "cuda"))}
 
 
 @register_quantized_module
