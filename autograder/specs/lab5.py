@@ -48,18 +48,12 @@ def rtn_bpb() -> float:
 
 
 @cache
-def gptq_bpb() -> float:
+def method_bpb(method: str) -> float:
+    """Bits per byte of the tiny GPT after qlab's "gptq" or "awq" walker, the lab's setting."""
     gpt, calib, _ = setup()
     model = copy.deepcopy(gpt)
-    ql.gptq.apply(model, ql.GPTQConfig(qtype=BITS, group_size=GROUP), calib, progress=False)
-    return bits_per_byte(model)
-
-
-@cache
-def awq_bpb() -> float:
-    gpt, calib, _ = setup()
-    model = copy.deepcopy(gpt)
-    ql.awq.apply(model, ql.AWQConfig(qtype=BITS, group_size=GROUP), calib, progress=False)
+    module, config = (ql.gptq, ql.GPTQConfig) if method == "gptq" else (ql.awq, ql.AWQConfig)
+    module.apply(model, config(qtype=BITS, group_size=GROUP), calib, progress=False)
     return bits_per_byte(model)
 
 
@@ -170,7 +164,7 @@ def gptq_model() -> Part:
         model_layers(layers, "gptq_model")
         expect(type(bpb) is float, "bits_per_byte must be a float")
         expect(rtn_bpb() - bpb >= 0.5 * (rtn_bpb() - fp32_bpb()), "GPTQ must close at least half of RTN's gap to FP32")
-        expect(close(bpb, gptq_bpb(), atol=0.01), "gptq_model's bits per byte differ from qlab's GPTQ by more than 0.01")
+        expect(close(bpb, method_bpb("gptq"), atol=0.01), "gptq_model's bits per byte differ from qlab's GPTQ by more than 0.01")
 
     return Part("test_gptq_model", 20, (Check(call("gptq_model_result"), judge, "GPTQ on the tiny GPT"),))
 
@@ -255,7 +249,7 @@ def awq_model() -> Part:
         model_layers(layers, "awq_model")
         expect(type(bpb) is float, "bits_per_byte must be a float")
         expect(bpb < rtn_bpb(), "AWQ must beat RTN")
-        expect(close(bpb, awq_bpb(), atol=0.01), "awq_model's bits per byte differ from qlab's AWQ by more than 0.01")
+        expect(close(bpb, method_bpb("awq"), atol=0.01), "awq_model's bits per byte differ from qlab's AWQ by more than 0.01")
 
     return Part("test_awq_model", 15, (Check(call("awq_model_result"), judge, "AWQ on the tiny GPT"),))
 
