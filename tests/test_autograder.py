@@ -504,12 +504,12 @@ def test_dask_local_cluster_grades_the_same(course, tmp_path):
     assert {r.student: r.score for r in results} == {"dask_full": 100, "dask_blank": 0, "dask_exit": 50}
 
 
-# -- labs 2 and 3 ---------------------------------------------------------------------------------------------
+# -- labs 2 to 7 ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lab", ["lab2", "lab3", "lab4", "lab5"])
+@pytest.mark.parametrize("lab", ["lab2", "lab3", "lab4", "lab5", "lab6", "lab7"])
 def test_later_labs_grade_solution_full_and_blank_zero(lab, tmp_path):
-    """The hardened grader agrees with nbgrader on labs 2 and 3: the solution earns 100, a blank copy 0."""
+    """The hardened grader agrees with nbgrader on labs 2 to 7: the solution earns 100, a blank copy 0."""
     course = tmp_path / "course"
     course.mkdir()
     shutil.copy(ROOT / "labs" / "nbgrader_config.py", course)
@@ -528,7 +528,7 @@ def test_later_labs_grade_solution_full_and_blank_zero(lab, tmp_path):
     assert results["blank"].score == 0, results["blank"]
 
 
-# -- lab 4: deliberately flawed solutions lose exactly the points of what they got wrong ------------------
+# -- deliberately flawed solutions lose exactly the points of what they got wrong --------------------------
 
 
 def edited(nb, grade_id: str, old: str, new: str):
@@ -538,72 +538,95 @@ def edited(nb, grade_id: str, old: str, new: str):
     return nb
 
 
-def test_lab4_flawed_solutions_lose_the_right_points(tmp_path):
-    lab = "lab4"
+def grade_flawed(lab: str, tmp_path, flaws: dict[str, list[tuple[str, str, str]]]) -> tuple[dict, dict]:
+    """Grade one copy of the lab's solution per student, each with its (grade_id, old, new) edits applied:
+    ({student: sorted grade_ids that earned 0}, {student: score})."""
     course = tmp_path / "course"
     course.mkdir()
     shutil.copy(ROOT / "labs" / "nbgrader_config.py", course)
     shutil.copytree(ROOT / "labs" / "source" / lab, course / "source" / lab)
-
-    def source():
-        return nbformat.read(ROOT / "labs" / "source" / lab / f"{lab}.ipynb", as_version=4)
-
-    flawed = {
-        # the outliers set the row scale: Part 1's outlier cell fails, and so does Part 2, which builds on it
-        "absmax_all": edited(source(), "vectorwise", "absmax = x.masked_fill(outliers, 0.0).abs().amax(dim=1)",
-                             "absmax = x.abs().amax(dim=1)"),
-        # an alpha picked by hand instead of the best of the sweep (0.25 keeps a mean cosine below 0.987)
-        "bad_alpha": edited(source(), "smoothquant", "best_alpha = max(sweep, key=sweep.get)", "best_alpha = 0.25"),
-        # hostile: the float model handed in as the SmoothQuant W8A8 one
-        "float_model": edited(source(), "smoothquant", "sq_model = smoothquant_w8a8(best_alpha)", "sq_model = copy.deepcopy(mini)"),
-        # no clamp: an all-zero channel gets s = 0
-        "no_clamp": edited(source(), "smoothing", "return (act.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)",
-                           "return act_absmax.float().pow(alpha) / weight_absmax.float().pow(1 - alpha)"),
-    }
     submissions = tmp_path / "submitted"
-    for student, nb in flawed.items():
+    for student, edits in flaws.items():
+        nb = nbformat.read(ROOT / "labs" / "source" / lab / f"{lab}.ipynb", as_version=4)
+        for grade_id, old, new in edits:
+            nb = edited(nb, grade_id, old, new)
         (submissions / student / lab).mkdir(parents=True)
         nbformat.write(nb, submissions / student / lab / f"{lab}.ipynb")
     results = {r.student: r for r in grade(lab, submissions, course, workers=2, progress=False)}
     lost = {student: sorted(p.grade_id for p in r.parts if p.points == 0) for student, r in results.items()}
+    return lost, {student: r.score for student, r in results.items()}
+
+
+def test_lab4_flawed_solutions_lose_the_right_points(tmp_path):
+    lost, scores = grade_flawed("lab4", tmp_path, {
+        # the outliers set the row scale: Part 1's outlier cell fails, and so does Part 2, which builds on it
+        "absmax_all": [("vectorwise", "absmax = x.masked_fill(outliers, 0.0).abs().amax(dim=1)",
+                        "absmax = x.abs().amax(dim=1)")],
+        # an alpha picked by hand instead of the best of the sweep (0.25 keeps a mean cosine below 0.987)
+        "bad_alpha": [("smoothquant", "best_alpha = max(sweep, key=sweep.get)", "best_alpha = 0.25")],
+        # hostile: the float model handed in as the SmoothQuant W8A8 one
+        "float_model": [("smoothquant", "sq_model = smoothquant_w8a8(best_alpha)", "sq_model = copy.deepcopy(mini)")],
+        # no clamp: an all-zero channel gets s = 0
+        "no_clamp": [("smoothing", "return (act.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)",
+                      "return act_absmax.float().pow(alpha) / weight_absmax.float().pow(1 - alpha)")],
+    })
     assert lost == {
         "absmax_all": ["test_llm_int8_minilm", "test_matmul_outliers", "test_vectorwise_outliers"],
         "bad_alpha": ["test_sq_fidelity", "test_sq_sweep"],
         "float_model": ["test_sq_fidelity"],
         "no_clamp": ["test_smoothing_scales"],
     }, lost
-    assert {s: r.score for s, r in results.items()} == {"absmax_all": 60, "bad_alpha": 75, "float_model": 85, "no_clamp": 85}
-
-
-# -- lab 5: a GPTQ without error feedback and an AWQ grid with r = 1 lose exactly their points --------------
+    assert scores == {"absmax_all": 60, "bad_alpha": 75, "float_model": 85, "no_clamp": 85}
 
 
 def test_lab5_flawed_solutions_lose_the_right_points(tmp_path):
-    lab = "lab5"
-    course = tmp_path / "course"
-    course.mkdir()
-    shutil.copy(ROOT / "labs" / "nbgrader_config.py", course)
-    shutil.copytree(ROOT / "labs" / "source" / lab, course / "source" / lab)
-
-    def source():
-        return nbformat.read(ROOT / "labs" / "source" / lab / f"{lab}.ipynb", as_version=4)
-
-    flawed = {
+    lost, scores = grade_flawed("lab5", tmp_path, {
         # round-to-nearest in GPTQ's clothes: no error is pushed onto the later columns, so the codes differ from
         # GPTQ's and the tiny GPT keeps RTN's gap; find_params, which it builds on, is still right
-        "no_feedback": edited(source(), "gptq", "err = (w - scale * (q - zero)) / U1[i, i]", "err = torch.zeros_like(w)"),
+        "no_feedback": [("gptq", "err = (w - scale * (q - zero)) / U1[i, i]", "err = torch.zeros_like(w)")],
         # r = 1 in the grid: the hidden block whose loss keeps falling picks it
-        "r_one": edited(source(), "awq", "for i in range(n_grid):  # r = 1 is not in the grid",
-                        "for i in range(n_grid + 1):"),
-    }
-    submissions = tmp_path / "submitted"
-    for student, nb in flawed.items():
-        (submissions / student / lab).mkdir(parents=True)
-        nbformat.write(nb, submissions / student / lab / f"{lab}.ipynb")
-    results = {r.student: r for r in grade(lab, submissions, course, workers=2, progress=False)}
-    lost = {student: sorted(p.grade_id for p in r.parts if p.points == 0) for student, r in results.items()}
+        "r_one": [("awq", "for i in range(n_grid):  # r = 1 is not in the grid", "for i in range(n_grid + 1):")],
+    })
     assert lost == {"no_feedback": ["test_gptq_layer", "test_gptq_model"], "r_one": ["test_awq_scales"]}, lost
-    assert {s: r.score for s, r in results.items()} == {"no_feedback": 60, "r_one": 80}
+    assert scores == {"no_feedback": 60, "r_one": 80}
+
+
+def test_lab6_flawed_solutions_lose_the_right_points(tmp_path):
+    lost, scores = grade_flawed("lab6", tmp_path, {
+        # the first code in the low nibble (ql.pack's order, not bitsandbytes'): Part 1 fails, and so does the
+        # fine-tuning, whose 4-bit base the glue stores with this quantize_nf4 (every pair of weights swapped)
+        "swapped": [("quantize_nf4", "return (codes[0::2] << 4) | codes[1::2], absmax",
+                     "return (codes[1::2] << 4) | codes[0::2], absmax")],
+        # a value half-way between two levels rounded up: only the worked tie of Part 1 shows it; trained weights
+        # almost never sit on a midpoint, so the fine-tuned model is unchanged
+        "ties_high": [("quantize_nf4", "codes = torch.bucketize(v, midpoints).to(torch.uint8)",
+                       "codes = torch.bucketize(v, midpoints, right=True).to(torch.uint8)")],
+        # B drawn like A: step 0 is no longer the base model, and 30 steps do not recover from it
+        "random_b": [("lora", "nn.init.zeros_(self.lora_B.weight)",
+                      "nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))")],
+    })
+    assert lost == {"swapped": ["test_qlora_finetune", "test_quantize_nf4"], "ties_high": ["test_quantize_nf4"],
+                    "random_b": ["test_lora_layer", "test_qlora_finetune"]}, lost
+    assert scores == {"swapped": 60, "ties_high": 75, "random_b": 70}
+
+
+def test_lab7_flawed_solutions_lose_the_right_points(tmp_path):
+    lost, scores = grade_flawed("lab7", tmp_path, {
+        # no clamp before the cast: E5M2 overflows to inf (torch 2.13), visible in Part 1's own checks
+        "no_clamp": [("fp8_quantize",
+                      "codes = (x * scale).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]).to(FP8_DTYPE[fmt])  # 3) clamp first: the cast may overflow",
+                      "codes = (x * scale).to(FP8_DTYPE[fmt])")],
+        # delayed scaling that already knows this step's amax: a spike is never clipped
+        "current_amax": [("delayed_quantize",
+                          "scale = scaler.scale(fmt)  # 1) from the previous steps only\n    scaler.update(x)  # 2) this step's amax, for the next steps",
+                          "scaler.update(x)\n    scale = scaler.scale(fmt)")],
+        # a history that grows for ever: the window never forgets the spike
+        "never_forgets": [("delayed_scaler", "self.history = torch.cat([amax, self.history[:-1]])  # (history_len,)",
+                           "self.history = torch.cat([amax, self.history])")],
+    })
+    assert lost == {"no_clamp": ["test_fp8_quantize"], "current_amax": ["test_delayed_quantize"],
+                    "never_forgets": ["test_delayed_quantize", "test_delayed_scaler"]}, lost
+    assert scores == {"no_clamp": 80, "current_amax": 92, "never_forgets": 80}
 
 
 # -- disabling qlab's functions ------------------------------------------------------------------------------
