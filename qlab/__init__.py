@@ -18,6 +18,7 @@ from . import (
     eval,
     export,
     fp8,
+    gguf,
     gptq,
     kernels,
     llm_int8,
@@ -118,5 +119,5 @@ __all__ = [
     "fake_quantize_ste", "LSQFakeQuantize", "FakeQuantize", "FakeQuantLinear", "FakeQuantConv2d",
     "qat_schedule_", "convert_", "llm_int8", "LLMInt8Config", "Int8OutlierLinear", "smoothquant", "SmoothQuantConfig",
     "export", "gptq", "GPTQConfig", "RTNConfig", "awq", "AWQConfig", "nf4", "NF4Config", "NF4Linear", "lora",
-    "LoRAConfig", "LoRALinear", "fp8", "FP8Config", "FP8Linear",
+    "LoRAConfig", "LoRALinear", "fp8", "FP8Config", "FP8Linear", "gguf",
 ]
