@@ -11,6 +11,7 @@ from . import (
     api,
     awq,
     bias_correction,
+    bitnet,
     bn_folding,
     calibration,
     cle,
@@ -85,6 +86,7 @@ from .core import (
 from .core.qtensor import from_codes
 from .awq import AWQConfig
 from .gptq import GPTQConfig, RTNConfig
+from .bitnet import BitNetConfig
 from .fp8 import FP8Config, FP8Linear
 from .lora import LoRAConfig, LoRALinear
 from .nf4 import NF4Config, NF4Linear
@@ -119,5 +121,6 @@ __all__ = [
     "fake_quantize_ste", "LSQFakeQuantize", "FakeQuantize", "FakeQuantLinear", "FakeQuantConv2d",
     "qat_schedule_", "convert_", "llm_int8", "LLMInt8Config", "Int8OutlierLinear", "smoothquant", "SmoothQuantConfig",
     "export", "gptq", "GPTQConfig", "RTNConfig", "awq", "AWQConfig", "nf4", "NF4Config", "NF4Linear", "lora",
-    "LoRAConfig", "LoRALinear", "fp8", "FP8Config", "FP8Linear", "gguf",
+    "LoRAConfig", "LoRALinear", "fp8", "FP8Config", "FP8Linear", "gguf", "bitnet",
+    "BitNetConfig",
 ]
