@@ -22,6 +22,7 @@ from . import (
     gguf,
     gptq,
     kernels,
+    kv_cache,
     llm_int8,
     lora,
     metrics,
@@ -121,6 +122,6 @@ __all__ = [
     "fake_quantize_ste", "LSQFakeQuantize", "FakeQuantize", "FakeQuantLinear", "FakeQuantConv2d",
     "qat_schedule_", "convert_", "llm_int8", "LLMInt8Config", "Int8OutlierLinear", "smoothquant", "SmoothQuantConfig",
     "export", "gptq", "GPTQConfig", "RTNConfig", "awq", "AWQConfig", "nf4", "NF4Config", "NF4Linear", "lora",
-    "LoRAConfig", "LoRALinear", "fp8", "FP8Config", "FP8Linear", "gguf", "bitnet",
+    "LoRAConfig", "LoRALinear", "fp8", "FP8Config", "FP8Linear", "gguf", "bitnet", "kv_cache",
     "BitNetConfig",
 ]

@@ -53,13 +53,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        else:  # incremental decoding: attend over the cached tokens and the T new ones (ql.kv_cache)
+            past = cache.length - T if layer > 0 else cache.length  # tokens before these (layer 0 counts them first)
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+            allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)  # (T, past + T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj(y)
 
@@ -87,8 +93,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0) -> torch.Tensor:
+        x = x + (self.attn(self.ln_1(x)) if cache is None else self.attn(self.ln_1(x), cache, layer))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -172,15 +178,20 @@ class TinyGPT(nn.Module):
         """Distinct parameters (the tied LM head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab); with `targets`, also the mean cross-entropy in nats per byte."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+        """Logits (B, T, vocab); with `targets`, also the mean cross-entropy in nats per byte.
+
+        cache: a `ql.kv_cache.KVCache` (or QuantizedKVCache) holding the earlier tokens' keys and values: idx
+        are then the NEXT tokens, at positions cache.length onwards, and the cache grows by them."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}; crop the input")
-        pos = torch.arange(T, device=idx.device)
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size={self.config.block_size}; crop the input"
+                             + (" (the cache already holds " + str(start) + " tokens: start a new one)" if start else ""))
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x) if cache is None else block(x, cache, i)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits
@@ -190,11 +201,22 @@ class TinyGPT(nn.Module):
     @torch.no_grad()
     def generate(
         self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8, top_k: int | None = 40,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, cache=None,
     ) -> torch.Tensor:
-        """Append `max_new_tokens` sampled bytes to `idx` (B, T); temperature 0 means greedy."""
+        """Append `max_new_tokens` sampled bytes to `idx` (B, T); temperature 0 means greedy.
+
+        cache=None recomputes the (cropped) context for every new byte; with a `ql.kv_cache.KVCache` (or a
+        QuantizedKVCache) the prompt is run once and each new byte costs one step over the cached keys and values,
+        within the model's context (block_size)."""
+        if cache is not None and idx.shape[1] + max_new_tokens > self.config.block_size:
+            raise ValueError(f"a cache holds at most block_size={self.config.block_size} tokens: the prompt ({idx.shape[1]}) "
+                             f"plus max_new_tokens ({max_new_tokens}) exceed it; generate fewer or use cache=None")
+        step_input = idx
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size :])[:, -1, :]  # (B, vocab)
+            if cache is None:
+                logits = self(idx[:, -self.config.block_size :])[:, -1, :]  # (B, vocab)
+            else:
+                logits = self(step_input, cache=cache)[:, -1, :]  # the prompt first, then one byte at a time
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -204,6 +226,7 @@ class TinyGPT(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
+            step_input = nxt
         return idx
 
 
