@@ -1,4 +1,4 @@
-"""Checkpoints other tools load: a weight-only quantized Tiny GPT as an AutoGPTQ 0.7.1 checkpoint, and back.
+"""Checkpoints other tools load: the Tiny GPT as an AutoGPTQ 0.7.1 checkpoint or a llama.cpp GGUF file, and back.
 
 AutoGPTQ (https://github.com/AutoGPTQ/AutoGPTQ) stores a GPTQ model as a Hugging Face GPT-2 whose block
 linears are replaced by packed integer buffers (the "v1" / "gptq" checkpoint format of its
@@ -38,14 +38,67 @@ are transformers Conv1D modules (weight [in, out]); AutoGPTQ's QuantLinear for t
     ql.quantize_(model, ql.GPTQConfig(qtype=ql.uint4, group_size=128, symmetric=True), calib_data=batches)
     ql.export.save_autogptq(model, "tiny-gpt-4bit")       # AutoGPTQForCausalLM.from_quantized loads it
     model = ql.export.load_autogptq("tiny-gpt-4bit")      # a TinyGPT with WeightOnlyLinear layers
+
+GGUF (llama.cpp's file, https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) is one little-endian file:
+"GGUF", version 3, typed key-value metadata, a table of tensor infos (name, shape innermost-first, ggml type,
+offset), then the tensor data, each tensor aligned to 32 bytes. `save_gguf(model, path, qtype)` writes a float
+Tiny GPT (with gguf's GGUFWriter) in llama.cpp's GPT-2 architecture "gpt2"; the block formats are qlab.gguf's:
+
+    metadata   general.architecture "gpt2", general.name, general.file_type (gguf.LlamaFileType; all-Q4_K is
+               MOSTLY_Q4_K_S), general.quantization_version 2, gpt2.context_length (block_size),
+               gpt2.embedding_length, gpt2.feed_forward_length (4 n_embd), gpt2.block_count,
+               gpt2.attention.head_count, gpt2.attention.layer_norm_epsilon, gpt2.vocab_size (256)
+    tokenizer  tokenizer.ggml.model "gpt2" (byte-level BPE), tokenizer.ggml.pre "gpt-2",
+               tokenizer.ggml.tokens: the 256 bytes in GPT-2's byte-to-unicode spelling, token i = byte i
+               (space "Ġ", newline "Ċ"; `gpt2_byte_tokens`), token_type all NORMAL (1), merges EMPTY (a
+               byte vocabulary merges nothing; llama.cpp refuses a "gpt2" vocabulary without the key and
+               gguf's writer refuses empty arrays, so a small writer subclass writes it), bos = eos = 0,
+               add_bos_token = add_eos_token = false (below)
+
+    TinyGPT (C = n_embd)     GGUF tensor                    ggml ne (innermost first)   type
+    wte.weight               token_embd.weight              [C, 256]                    F32
+    wpe.weight               position_embd.weight           [C, block_size]             F32
+    blocks.i.ln_1.w / .b     blk.i.attn_norm.weight / .bias [C]                         F32
+    blocks.i.attn.c_attn     blk.i.attn_qkv.weight  / .bias [C, 3C] / [3C]              qtype / F32
+    blocks.i.attn.c_proj     blk.i.attn_output.weight/.bias [C, C] / [C]                qtype / F32
+    blocks.i.ln_2.w / .b     blk.i.ffn_norm.weight / .bias  [C]                         F32
+    blocks.i.mlp.c_fc        blk.i.ffn_up.weight / .bias    [C, 4C] / [4C]              qtype / F32
+    blocks.i.mlp.c_proj      blk.i.ffn_down.weight / .bias  [4C, C] / [C]               qtype / F32
+    ln_f.w / .b              output_norm.weight / .bias     [C]                         F32
+    lm_head.weight (tied)    output.weight                  [C, 256]                    F32, a copy of token_embd
+
+Orientation: llama.cpp computes a linear as ggml_mul_mat(W, x) with W's ne = [in, out]: each stored row is the
+in_features of one output, which is PyTorch's nn.Linear weight (out, in) exactly as it is (numpy/gguf-py
+shape (out, in)); a quantization block runs along those rows. Hugging Face GPT-2's Conv1D weights are
+(in, out), their transpose (llama.cpp's convert_hf_to_gguf.py transposes these four for GPT-2). Only the
+block linears are quantized; embeddings, norms and biases stay F32 (llama.cpp keeps 1-D tensors in F32 too).
+llama.cpp's GPT-2 loader has required `output.weight` (newer versions fall back to token_embd), so the tied
+head is written as a copy, as its converter does: 256 KiB more.
+
+Choices llama.cpp sees: the Tiny GPT has no special tokens (it reads raw bytes from position 0). Without
+bos/eos ids llama.cpp gives a "gpt2" vocabulary 11 (here a vertical tab), so save_gguf names byte 0 (NUL,
+which UTF-8 text never holds) with add_bos_token false: nothing is prepended, and generation stops at the
+length limit. Where llama.cpp will differ from qlab: its GPT-2 MLP uses ggml_gelu, the tanh approximation
+(GPT-2's gelu_new), while the Tiny GPT uses exact GELU (swapping it in moves bits/byte on the first 4096
+validation bytes by -0.0001 in float32); and position_embd has block_size = 128 rows, so run llama.cpp with
+a context of at most 128 (-c 128). `load_gguf(path)` reads such a file back (its own `read_gguf`, struct
+only) into a float TinyGPT whose block weights are the dequantized blocks. Next step: a llama.cpp load test
+(llama-perplexity on the file against load_gguf's bits/byte), not run here (building llama.cpp takes ~17
+minutes on this machine).
+
+    ql.export.save_gguf(ql.models.tiny_gpt(), "tiny-gpt-q4_0.gguf", qtype="Q4_0")   # llama.cpp's GPT-2
+    model = ql.export.load_gguf("tiny-gpt-q4_0.gguf")                             # a float TinyGPT again
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 import warnings
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -55,6 +108,10 @@ from .core.qtensor import QTensor, from_codes
 from .core.qtypes import qtype as make_qtype
 from .models.tiny_gpt import HF_GPT2_CONV1D, TinyGPT, config_from_hf_gpt2, hf_gpt2_config, hf_gpt2_name
 from .nn import Int4WeightOnlyLinear, WeightOnlyLinear
+from .gguf import GGML_TYPE_IDS, QTYPES, TYPE_SIZES
+from .gguf import dequantize as dequantize_blocks
+from .gguf import quantize as quantize_blocks
+from .models.tiny_gpt import GPTConfig
 
 AUTOGPTQ_BITS = (2, 3, 4, 8)
 
@@ -319,4 +376,329 @@ def load_autogptq(path: str | Path) -> TinyGPT:
     return model.eval()
 
 
-__all__ = ["pack_gptq", "unpack_gptq", "autogptq_zero_points", "qtensor_to_autogptq", "qtensor_from_autogptq", "save_autogptq", "load_autogptq"]
+# ============================================================================= GGUF: llama.cpp's GPT-2
+# ----------------------------------------------------------------------------- 4) names, tokens, types
+GGUF_ARCH = "gpt2"
+# TinyGPT module -> llama.cpp's GPT-2 tensor (gguf.constants.TENSOR_NAMES of MODEL_ARCH.GPT2); "blk.{i}." in blocks
+GGUF_GPT2_NAMES: MappingProxyType[str, str] = MappingProxyType({
+    "wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm", "lm_head": "output",
+    "ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+})
+GGUF_FLOAT_TYPES = ("F32", "F16")  # block weights kept as floats: any row length
+# qtype -> gguf.LlamaFileType member written as general.file_type (all-Q4_K is closest to llama.cpp's Q4_K_S)
+GGUF_FILE_TYPES: MappingProxyType[str, str] = MappingProxyType({
+    "F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
+    "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q4_K": "MOSTLY_Q4_K_S", "Q6_K": "MOSTLY_Q6_K",
+})
+GGUF_BOS_EOS_ID = 0  # NUL: the Tiny GPT has no special tokens, and UTF-8 text never holds this byte
+_GGML_TYPE_NAMES = {0: "F32", 1: "F16", **{i: name for name, i in GGML_TYPE_IDS.items()}}  # ggml_type -> name
+
+
+def gguf_gpt2_name(name: str) -> str:
+    """TinyGPT's parameter name -> llama.cpp's GPT-2 tensor name, e.g. blocks.0.attn.c_attn.weight ->
+    blk.0.attn_qkv.weight, wte.weight -> token_embd.weight, lm_head.weight -> output.weight."""
+    module, _, kind = name.rpartition(".")  # kind: weight or bias
+    if module.startswith("blocks."):
+        _, i, inner = module.split(".", 2)
+        return f"blk.{i}.{GGUF_GPT2_NAMES[inner]}.{kind}"
+    return f"{GGUF_GPT2_NAMES[module]}.{kind}"
+
+
+def gpt2_byte_tokens() -> list[str]:
+    """The 256 byte tokens in GPT-2's byte-to-unicode spelling: token i spells byte i.
+
+    GPT-2's BPE runs on text where every byte is one visible character: the 188 printable Latin-1 bytes
+    ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves, the other 68 (controls, space, DEL..NBSP, soft
+    hyphen) become chr(256), chr(257), ... in byte order, so space (32) is 'Ġ' (U+0120) and newline 'Ċ'."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+def _check_gguf_qtype(qtype: str) -> None:
+    known = (*GGUF_FLOAT_TYPES, *QTYPES)
+    if qtype not in known:
+        hint = f" (did you mean {qtype.upper()!r}?)" if isinstance(qtype, str) and qtype.upper() in known else ""
+        raise ValueError(f"qtype={qtype!r} is not a GGUF type save_gguf writes{hint}; use one of {known}")
+
+
+def _check_gguf_rows(weights: dict[str, torch.Tensor], qtype: str) -> None:
+    """Every weight's row (in_features) must be whole blocks of `qtype`; the error names the first that is not."""
+    if qtype in GGUF_FLOAT_TYPES:
+        return
+    block = TYPE_SIZES[qtype][0]
+    for name, w in weights.items():
+        k = w.shape[1]
+        if k % block:
+            fits = [t for t in QTYPES if k % TYPE_SIZES[t][0] == 0]
+            alt = (f"use a type with smaller blocks ({', '.join(fits)}) or keep the blocks in F16/F32" if fits else
+                   f"no GGUF block type divides {k}: keep the blocks in F16/F32 (qtype='F32')")
+            raise ValueError(f"{gguf_gpt2_name(name + '.weight')} ({name}) has rows of in_features={k} values, not a "
+                             f"multiple of {qtype}'s block of {block} (llama.cpp quantizes whole blocks along each "
+                             f"row); {alt}")
+
+
+def _import_gguf():
+    try:
+        import gguf
+    except ImportError as err:
+        raise ImportError("save_gguf writes with llama.cpp's own Python writer: pip install gguf==0.19.0") from err
+    return gguf
+
+
+def _gguf_writer(gguf, path: Path):
+    """gguf's GGUFWriter, except that it writes an empty array whose element type is given.
+
+    gguf 0.19.0 refuses every empty array (it takes the element type from the first element), but a
+    byte-level vocabulary has no merges, and llama.cpp refuses a "gpt2" vocabulary without the merges key."""
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+                head = self._pack("I", vtype) if add_vtype else b""
+                return head + self._pack("I", sub_type) + self._pack("Q", 0)  # element type, count 0
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer(path, GGUF_ARCH)
+
+
+# ----------------------------------------------------------------------------- 5) write
+@torch.no_grad()
+def save_gguf(model: TinyGPT, path: str | Path, qtype: str = "Q4_0", *, name: str = "qlab-tiny-gpt") -> Path:
+    """Write a float TinyGPT as a llama.cpp GGUF file (architecture "gpt2"); returns the path.
+
+    Args:
+        model: a float TinyGPT (ql.models.tiny_gpt()), any float dtype; its byte vocabulary of 256 and tied
+            LM head as built. save_gguf quantizes the block linears itself, with ql.gguf.quantize.
+        path: the file to write (overwritten).
+        qtype: the block linears' GGUF type: "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K" (rows of
+            in_features must be whole blocks: 32, or 256 for the K-quants), or "F16" / "F32".
+        name: general.name.
+    The names, shapes, metadata and tokenizer are in the module docstring; everything but the block linear
+    weights is stored in F32.
+    """
+    # 1) what can be exported
+    if not isinstance(model, TinyGPT):
+        raise ValueError(f"save_gguf writes a qlab TinyGPT (ql.models.tiny_gpt()), got {type(model).__name__}")
+    _check_gguf_qtype(qtype)
+    cfg, linears = model.config, _block_linears(model)
+    not_float = [n for n, m in linears.items() if type(m) is not nn.Linear]
+    if not_float or type(model.lm_head) is not nn.Linear:
+        first = not_float[0] if not_float else "lm_head"
+        raise ValueError(f"save_gguf quantizes the float weights itself into GGUF blocks, but {first} is "
+                         f"{type(model.get_submodule(first)).__name__}, not a float nn.Linear; pass the float model "
+                         "(ql.models.tiny_gpt()) and choose the format with qtype=...")
+    if model.lm_head.weight is not model.wte.weight or cfg.vocab_size != 256:
+        raise ValueError("the GGUF byte tokenizer needs the Tiny GPT's 256-byte vocabulary with lm_head tied to wte")
+    eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
+    if len(eps) != 1:
+        raise ValueError(f"GGUF's gpt2.attention.layer_norm_epsilon is one value, the LayerNorms have {sorted(eps)}")
+    _check_gguf_rows({n: m.weight for n, m in linears.items()}, qtype)
+    # 2) metadata: the architecture's hyper-parameters
+    gguf = _import_gguf()
+    path = Path(path)
+    writer = _gguf_writer(gguf, path)  # writes general.architecture = "gpt2"
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType[GGUF_FILE_TYPES[qtype]])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_layer_norm_eps(eps.pop())
+    writer.add_vocab_size(cfg.vocab_size)
+    # 3) the tokenizer: 256 byte tokens and no merges
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(gpt2_byte_tokens())
+    writer.add_token_types([gguf.TokenType.NORMAL] * cfg.vocab_size)
+    writer.add_key_value(gguf.Keys.Tokenizer.MERGES, [], gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.STRING)
+    writer.add_bos_token_id(GGUF_BOS_EOS_ID)
+    writer.add_eos_token_id(GGUF_BOS_EOS_ID)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    # 4) the tensors: block linear weights (out, in) as qtype blocks along in, everything else F32
+    block_weights = {f"{n}.weight" for n in linears}
+    tensors = dict(model.state_dict())  # wte, wpe, blocks.*, ln_f, lm_head (the tied copy: output.weight)
+    tensors.update({f"{n}.bias": torch.zeros(m.out_features) for n, m in linears.items() if m.bias is None})
+    for param, t in tensors.items():
+        t = t.detach().float().contiguous()
+        if param in block_weights and qtype in QTYPES:
+            raw = quantize_blocks(t, qtype)  # (out, row bytes) uint8, exactly the file's bytes
+            writer.add_tensor(gguf_gpt2_name(param), raw.numpy(), raw_dtype=gguf.GGMLQuantizationType[qtype])
+        elif param in block_weights and qtype == "F16":
+            writer.add_tensor(gguf_gpt2_name(param), t.half().numpy())
+        else:
+            writer.add_tensor(gguf_gpt2_name(param), t.numpy())  # float32 -> F32
+    # 5) the file
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# ----------------------------------------------------------------------------- 6) read
+class GGUFTensor(NamedTuple):
+    """One tensor of a GGUF file: its ggml type name ("F32", "F16", "Q4_0", ...), its shape in PyTorch's
+    order (the file's ne reversed: (out, in) for a linear), and its raw bytes (uint8, flat)."""
+
+    type: str
+    shape: tuple[int, ...]
+    data: torch.Tensor
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _GGUFCursor:
+    """Reads GGUF's little-endian values front to back: a string is a u64 length and UTF-8 bytes; an array
+    an element type u32, a count u64 and the elements."""
+
+    def __init__(self, buf: bytes, pos: int) -> None:
+        self.buf, self.pos = buf, pos
+
+    def take(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += struct.calcsize("<" + fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.take("Q")
+        if self.pos + n > len(self.buf):
+            raise struct.error("string past the end of the file")
+        self.pos += n
+        return self.buf[self.pos - n:self.pos].decode("utf-8")
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _GGUF_STRING:
+            return self.string()
+        if vtype == _GGUF_ARRAY:
+            item_type, count = self.take("I"), self.take("Q")
+            return [self.value(item_type) for _ in range(count)]
+        if vtype not in _GGUF_SCALARS:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+        return self.take(_GGUF_SCALARS[vtype])
+
+
+def _gguf_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
+    n = math.prod(shape)
+    if type_name in GGUF_FLOAT_TYPES:
+        return n * (4 if type_name == "F32" else 2)
+    block_size, type_size = TYPE_SIZES[type_name]
+    return n // block_size * type_size
+
+
+def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, GGUFTensor]]:
+    """The metadata and tensors of a little-endian GGUF file (version 2 or 3), parsed with struct.
+
+    Layout: "GGUF" | version u32 | n_tensors u64 | n_kv u64 | n_kv x (key string, value type u32, value) |
+    n_tensors x (name string, n_dims u32, ne u64 x n_dims innermost first, ggml type u32, offset u64) |
+    zero padding to general.alignment (32) | the data, each tensor at its offset from there.
+    Returns: ({key: int | float | bool | str | list}, {name: GGUFTensor}) in file order.
+    """
+    path = Path(path)
+    buf = path.read_bytes()
+    if buf[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file: it starts with {buf[:4]!r}, not b'GGUF'")
+    r = _GGUFCursor(buf, 4)
+    try:
+        version = r.take("I")
+        if version not in (2, 3):
+            raise ValueError(f"{path} is GGUF version {version}; read_gguf reads versions 2 and 3, little-endian")
+        n_tensors, n_kv = r.take("Q"), r.take("Q")
+        metadata = {}
+        for _ in range(n_kv):
+            key = r.string()
+            metadata[key] = r.value(r.take("I"))
+        infos = []
+        for _ in range(n_tensors):
+            name = r.string()
+            ne = [r.take("Q") for _ in range(r.take("I"))]
+            infos.append((name, tuple(reversed(ne)), r.take("I"), r.take("Q")))  # shape in PyTorch's order
+    except struct.error as err:
+        raise ValueError(f"{path} ends inside its GGUF header: the file is truncated") from err
+    alignment = metadata.get("general.alignment", 32)
+    start = -(-r.pos // alignment) * alignment  # the data section begins at the next multiple of the alignment
+    tensors = {}
+    for name, shape, type_id, offset in infos:
+        if type_id not in _GGML_TYPE_NAMES:
+            raise ValueError(f"tensor {name} has ggml type {type_id}; read_gguf reads "
+                             f"{sorted(_GGML_TYPE_NAMES.values())}")
+        type_name = _GGML_TYPE_NAMES[type_id]
+        begin, end = start + offset, start + offset + _gguf_nbytes(type_name, shape)
+        if end > len(buf):
+            raise ValueError(f"{path} ends inside tensor {name}: the file is truncated")
+        tensors[name] = GGUFTensor(type_name, shape, torch.frombuffer(bytearray(buf[begin:end]), dtype=torch.uint8))
+    return metadata, tensors
+
+
+def gguf_tensor_values(t: GGUFTensor) -> torch.Tensor:
+    """The float32 values of a GGUF tensor, in t.shape: F32 as stored, F16 widened, blocks dequantized."""
+    if t.type == "F32":
+        return t.data.view(torch.float32).reshape(t.shape).clone()
+    if t.type == "F16":
+        return t.data.view(torch.float16).float().reshape(t.shape)
+    return dequantize_blocks(t.data, t.type, t.shape)
+
+
+@torch.no_grad()
+def load_gguf(path: str | Path) -> TinyGPT:
+    """Read a GPT-2 GGUF file with the 256-byte vocabulary (what save_gguf writes) as a float32 TinyGPT in eval
+    mode: block weights dequantized with ql.gguf.dequantize, everything else as stored (F32 or F16). GGUF keeps
+    no training settings: the config's dropout is 0."""
+    # 1) the architecture
+    meta, tensors = read_gguf(path)
+    if meta.get("general.architecture") != GGUF_ARCH:
+        raise ValueError(f"general.architecture={meta.get('general.architecture')!r}: TinyGPT is llama.cpp's 'gpt2'")
+    keys = ["context_length", "embedding_length", "feed_forward_length", "block_count", "attention.head_count",
+            "attention.layer_norm_epsilon"]
+    missing = [f"gpt2.{k}" for k in keys if f"gpt2.{k}" not in meta]
+    if missing:
+        raise ValueError(f"{path} lacks the GPT-2 hyper-parameters {missing}")
+    tokens = meta.get("tokenizer.ggml.tokens", [])
+    if tokens != gpt2_byte_tokens():
+        raise ValueError(f"TinyGPT reads bytes: it needs tokenizer.ggml.tokens to be the 256 bytes in GPT-2's "
+                         f"spelling (token i = byte i), this file has {len(tokens)} other tokens")
+    n_embd = meta["gpt2.embedding_length"]
+    if meta["gpt2.feed_forward_length"] != 4 * n_embd:
+        raise ValueError(f"gpt2.feed_forward_length={meta['gpt2.feed_forward_length']}: TinyGPT's MLP is 4 * n_embd "
+                         f"= {4 * n_embd}")
+    cfg = GPTConfig(vocab_size=256, block_size=meta["gpt2.context_length"], n_layer=meta["gpt2.block_count"],
+                    n_head=meta["gpt2.attention.head_count"], n_embd=n_embd)
+    model = TinyGPT(cfg)
+    eps = meta["gpt2.attention.layer_norm_epsilon"]  # a float32: 1e-5 reads back as 9.99999975e-06
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm) and struct.unpack("<f", struct.pack("<f", m.eps))[0] != eps:
+            m.eps = eps  # only if the file's value is not nn.LayerNorm's own eps rounded to float32
+    # 2) the tensors, by llama.cpp's names; the LM head is tied to token_embd
+    state, used = {}, {"output.weight"}
+    for param, p in model.state_dict().items():
+        if param == "lm_head.weight":
+            continue
+        g = gguf_gpt2_name(param)
+        if g not in tensors:
+            raise ValueError(f"{path} has no tensor {g} (TinyGPT's {param}): not a GPT-2 of this shape")
+        if tensors[g].shape != tuple(p.shape):
+            raise ValueError(f"{g} has shape {tensors[g].shape} (ne {tensors[g].shape[::-1]}), TinyGPT's {param} is "
+                             f"{tuple(p.shape)}; ggml stores a linear (out, in) as ne = [in, out]")
+        state[param] = gguf_tensor_values(tensors[g])
+        used.add(g)
+    unexpected = [n for n in tensors if n not in used]
+    if unexpected:
+        raise ValueError(f"{path} has tensors TinyGPT does not: {unexpected[:4]}")
+    output = tensors.get("output.weight")
+    if output is not None and not torch.equal(gguf_tensor_values(output), state["wte.weight"]):
+        raise ValueError("output.weight differs from token_embd.weight (e.g. llama-quantize stored them in different "
+                         "types): TinyGPT ties its LM head to the token embedding and cannot hold both")
+    state["lm_head.weight"] = state["wte.weight"]
+    model.load_state_dict(state)
+    return model.eval()
+
+
+__all__ = ["pack_gptq", "unpack_gptq", "autogptq_zero_points", "qtensor_to_autogptq", "qtensor_from_autogptq",
+           "save_autogptq", "load_autogptq", "GGUF_GPT2_NAMES", "GGUF_FILE_TYPES", "gguf_gpt2_name", "gpt2_byte_tokens",
+           "save_gguf", "GGUFTensor", "read_gguf", "gguf_tensor_values", "load_gguf"]
