@@ -292,11 +292,6 @@ def _mappings(model: nn.Module, mappings: Sequence[Mapping] | None) -> list[Mapp
     return out
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _relative(name: str, prefix: str) -> str:
     return name[len(prefix):]
 
@@ -349,7 +344,7 @@ def apply(model: nn.Module, config: AWQConfig, calib_data: Iterable,
                     report.ratios[linears[0]] = min(curve, key=lambda rl: rl[1])[0]
                 new_prev = apply_scale_(model.get_submodule(prev), fcs, s)
                 if new_prev is not model.get_submodule(prev):
-                    _set(model, prev, new_prev)
+                    model.set_submodule(prev, new_prev)
                 for n in rel:  # the cached inputs now meet scaled weights
                     x_of[n] = x_of[n] / s.to(x_of[n].dtype)
             # 3) clip search on every selected linear but q/k

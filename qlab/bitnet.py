@@ -153,9 +153,7 @@ def convert_(model: nn.Module) -> nn.Module:
     if not names:
         raise ValueError("the model has no BitLinear layers; train one first with ql.quantize_(model, ql.BitNetConfig())")
     for name in names:
-        parent, _, child = name.rpartition(".")
-        holder = model.get_submodule(parent) if parent else model
-        setattr(holder, child, TernaryLinear.from_linear(getattr(holder, child)))
+        model.set_submodule(name, TernaryLinear.from_linear(model.get_submodule(name)))
     return model
 
 

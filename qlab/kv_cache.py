@@ -16,7 +16,9 @@ quantized a whole block at a time when the window is full (`residual_length` tok
 axis); per-token groups are quantized one token at a time, the oldest token of the window as a new one arrives.
 Hugging Face's `QuantizedCache` differs: when its window fills it re-quantizes the whole cache (old codes
 dequantized and quantized again with the new ones), and it uses one axis for both keys and values.
-Storage is counted as stored: codes bit-packed (`ql.pack`), scale and min in float16 per group.
+Storage is counted as stored: codes bit-packed (`ql.pack`), scale and min in float16 per group. This is a
+simulation for measuring accuracy and storage: to keep decoding fast, each stream also keeps the decoded values of
+its quantized chunks (decoded once, when stored), which `nbytes` does not count; a real kernel would read the codes.
 """
 
 from __future__ import annotations

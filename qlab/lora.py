@@ -161,8 +161,7 @@ def merge_(model: nn.Module, requantize: bool = True) -> MergeReport:
     report = MergeReport()
     for name, layer in found:
         merged, report.layers[name] = _merged_layer(layer, requantize)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, merged)
+        model.set_submodule(name, merged)
     return report
 
 

@@ -119,8 +119,7 @@ def apply_explicit_smoothing_(model: nn.Module, linear_names: Sequence[str], s: 
         new.weight.mul_(s.to(new.weight.dtype)[None, :])
         new.input_scale.div_(s.float())
         if new is not lin:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
+            model.set_submodule(name, new)
 
 
 class ChannelAbsMax:
