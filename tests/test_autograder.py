@@ -504,12 +504,12 @@ def test_dask_local_cluster_grades_the_same(course, tmp_path):
     assert {r.student: r.score for r in results} == {"dask_full": 100, "dask_blank": 0, "dask_exit": 50}
 
 
-# -- labs 2 to 7 ----------------------------------------------------------------------------------------------
+# -- labs 2 to 8 ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lab", ["lab2", "lab3", "lab4", "lab5", "lab6", "lab7"])
+@pytest.mark.parametrize("lab", ["lab2", "lab3", "lab4", "lab5", "lab6", "lab7", "lab8"])
 def test_later_labs_grade_solution_full_and_blank_zero(lab, tmp_path):
-    """The hardened grader agrees with nbgrader on labs 2 to 7: the solution earns 100, a blank copy 0."""
+    """The hardened grader agrees with nbgrader on labs 2 to 8: the solution earns 100, a blank copy 0."""
     course = tmp_path / "course"
     course.mkdir()
     shutil.copy(ROOT / "labs" / "nbgrader_config.py", course)
@@ -627,6 +627,28 @@ def test_lab7_flawed_solutions_lose_the_right_points(tmp_path):
     assert lost == {"no_clamp": ["test_fp8_quantize"], "current_amax": ["test_delayed_quantize"],
                     "never_forgets": ["test_delayed_quantize", "test_delayed_scaler"]}, lost
     assert scores == {"no_clamp": 80, "current_amax": 92, "never_forgets": 80}
+
+
+def test_lab8_flawed_solutions_lose_the_right_points(tmp_path):
+    lost, scores = grade_flawed("lab8", tmp_path, {
+        # keys quantized per token (KIVI's axis for values): the cache's keys differ from qlab's; Part 3's glue builds
+        # its own cache (keys per channel) on the student's group quantizer, which is still right
+        "keys_per_token": [("kivi_cache",
+                            'quantize_groups(k[:, :, i:i + group_size], bits, "channel", group_size), bits, "channel")',
+                            'quantize_groups(k[:, :, i:i + group_size], bits, "token", group_size), bits, "token")')],
+        # no full-precision window: every whole group of keys and every value quantized at once
+        "no_window": [("kivi_cache", "n_k = T // R * R", "n_k = T // group_size * group_size"),
+                      ("kivi_cache", "n_v = max(T - R, 0)", "n_v = T")],
+        # Q8_0 rounded half to even (torch.round), not C's roundf: the worked example's ties show it; the tiny GPT's
+        # weights are not on ties, so its GGUF model is unchanged
+        "q8_half_even": [("quantize_q8_0", "q = torch.copysign(whole + (a - whole >= 0.5).float(), v)", "q = torch.round(v)")],
+        # Q4_0 rounded to nearest instead of truncating x * id + 8.5: a half now goes to even, and 0.2499999 to 8
+        "q4_round": [("quantize_q4_0", "q = (blocks * inv + 8.5).trunc().clamp(max=15).to(torch.uint8)",
+                      "q = (torch.round(blocks * inv) + 8).clamp(max=15).to(torch.uint8)")],
+    })
+    assert lost == {"keys_per_token": ["test_kivi_cache"], "no_window": ["test_kivi_cache"],
+                    "q8_half_even": ["test_quantize_q8_0"], "q4_round": ["test_quantize_q4_0"]}, lost
+    assert scores == {"keys_per_token": 80, "no_window": 80, "q8_half_even": 85, "q4_round": 85}
 
 
 # -- disabling qlab's functions ------------------------------------------------------------------------------

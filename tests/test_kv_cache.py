@@ -96,3 +96,82 @@ def test_cache_errors_teach(gpt):
         gpt(torch.zeros(1, 100, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match="exceeds block_size=128.*already holds 100 tokens"):
             gpt(torch.zeros(1, 30, dtype=torch.long), cache=cache)
+
+
+def test_quantized_cache_runs_the_functions_it_is_given():
+    """The hook a lab uses: QuantizedKVCache(quantize_fn=, dequantize_fn=) stores every chunk with the given
+    functions (a student's, codes one per uint8), and gives bit for bit qlab's cache when they are the same math."""
+    calls = []
+
+    def by_hand_quantize(x, bits, axis, group_size):  # step 4 of the module doc, unpacked codes
+        calls.append((axis, x.shape[2]))
+        g = x.transpose(2, 3) if axis == "channel" else x.unflatten(-1, (-1, group_size))  # groups: the last dim
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale, lo = ((hi - lo) / (2**bits - 1)).half(), lo.half()
+        q = ((g - lo.float()) / torch.where(scale == 0, 1.0, scale.float())).round().clamp(0, 2**bits - 1)
+        return q.to(torch.uint8), scale, lo, tuple(q.shape)
+
+    def by_hand_dequantize(codes, scale, lo, shape, bits, axis):
+        x = codes.float() * scale.float() + lo.float()
+        return x.transpose(2, 3) if axis == "channel" else x.flatten(-2)
+
+    def make(**fns):
+        return kvc.QuantizedKVCache(2, head_dim=8, k_bits=2, v_bits=4, group_size=2, residual_length=4, **fns)
+
+    qlabs, hands = make(), make(quantize_fn=by_hand_quantize, dequantize_fn=by_hand_dequantize)
+    g = torch.Generator().manual_seed(0)
+    for t in range(10):
+        for layer in range(2):
+            k, v = torch.randn(3, 2, 1, 8, generator=g), torch.randn(3, 2, 1, 8, generator=g) * 5
+            assert all(torch.equal(a, b) for a, b in zip(qlabs.update(layer, k, v), hands.update(layer, k, v)))
+    # per layer: keys per channel, 2 full windows of 4 tokens, each cut into 2 groups of 2 tokens; values per token,
+    # the 6 tokens that left the window one at a time
+    assert sorted(set(calls)) == [("channel", 2), ("token", 1)]
+    assert calls.count(("channel", 2)) == 2 * 4 and calls.count(("token", 1)) == 2 * 6
+    assert hands.nbytes == qlabs.nbytes  # unpacked codes are counted packed, as qlab's packed ones
+
+    identity = make(quantize_fn=lambda x, bits, axis, group_size: (x, x[..., :1], x[..., :1], tuple(x.shape)),
+                    dequantize_fn=lambda codes, scale, lo, shape, bits, axis: codes)
+    ks = torch.randn(1, 1, 9, 8, generator=g)
+    for t in range(9):
+        keys, values = identity.update(0, ks[:, :, t:t + 1], -ks[:, :, t:t + 1])
+    assert torch.equal(keys, ks) and torch.equal(values, -ks)  # what attention reads comes from the given functions
+    with pytest.raises(ValueError, match="only quantize_fn was given: pass quantize_fn and dequantize_fn together"):
+        make(quantize_fn=by_hand_quantize)
+
+
+@pytest.mark.parametrize("key_axis,value_axis", [("channel", "token"), ("token", "channel"), ("channel", "channel")])
+@pytest.mark.parametrize("group_size,residual_length", [(16, 16), (16, 48), (32, 64)])
+def test_quantized_nbytes_is_what_the_cache_holds(gpt, text, key_axis, value_axis, group_size, residual_length):
+    """The formula the book extrapolates to a 7B model, against the bytes a real cache stores, at lengths that
+    fall before, on and after window boundaries (prefill of T tokens, then single tokens)."""
+    for T in (1, group_size - 1, residual_length, residual_length + 1, 100, 128):
+        cache = kvc.QuantizedKVCache(4, 64, 2, 4, group_size, residual_length, key_axis, value_axis)
+        with torch.no_grad():
+            gpt(text[:2, :max(T - 3, 1)], cache=cache)
+            for t in range(max(T - 3, 1), T):
+                gpt(text[:2, t:t + 1], cache=cache)
+        expected = kvc.quantized_nbytes(4, 256, T, 2, k_bits=2, v_bits=4, group_size=group_size,
+                                        residual_length=residual_length, key_axis=key_axis, value_axis=value_axis,
+                                        bytes_per_value=4)
+        assert cache.length == T and cache.nbytes == expected, (T, cache.nbytes, expected)
+
+
+def test_keys_per_channel_are_cut_into_groups_of_group_size_tokens():
+    cache = kvc.QuantizedKVCache(1, head_dim=8, k_bits=2, v_bits=2, group_size=4, residual_length=12)
+    cache.update(0, torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8))  # a full window: 3 groups of 4 tokens
+    assert [shape for _, _, _, shape in cache.ks[0].chunks] == [(1, 1, 8, 4)] * 3  # (B, nh, hs, group of tokens)
+    with pytest.raises(ValueError, match="residual_length=20 must be a multiple of group_size=8"):
+        kvc.QuantizedKVCache(1, head_dim=8, group_size=8, residual_length=20)
+
+
+def test_eight_bit_codes_are_stored_unpacked():
+    x = torch.randn(2, 2, 5, 8)
+    codes, scale, lo, shape = kvc.quantize_groups(x, 8, "token", 4)
+    assert codes.dtype == torch.uint8 and codes.numel() == x.numel()
+    assert torch.allclose(kvc.dequantize_groups(codes, scale, lo, shape, 8, "token"), x, atol=(x.max() - x.min()) / 255)
+    cache = kvc.QuantizedKVCache(1, head_dim=8, k_bits=8, v_bits=8, group_size=4, residual_length=4)
+    for _ in range(9):
+        cache.update(0, torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8))
+    assert cache.nbytes == kvc.quantized_nbytes(1, 8, 9, k_bits=8, v_bits=8, group_size=4, residual_length=4,
+                                                bytes_per_value=4)

@@ -27,7 +27,7 @@ from labs.release import check_release
 TOTAL_POINTS = 100
 
 
-@pytest.fixture(scope="module", params=["lab2", "lab3", "lab4", "lab5", "lab6", "lab7"])
+@pytest.fixture(scope="module", params=["lab2", "lab3", "lab4", "lab5", "lab6", "lab7", "lab8"])
 def lab(request):
     return request.param
 
