@@ -88,19 +88,29 @@ minutes on this machine).
 
     ql.export.save_gguf(ql.models.tiny_gpt(), "tiny-gpt-q4_0.gguf", qtype="Q4_0")   # llama.cpp's GPT-2
     model = ql.export.load_gguf("tiny-gpt-q4_0.gguf")                             # a float TinyGPT again
+
+ONNX (the last section of this file): `to_onnx` writes a W8A8 model (QuantLinear / QuantConv2d layers) as a QDQ
+graph, QuantizeLinear / DequantizeLinear nodes holding qlab's own codes, scales and zero points; ONNX Runtime runs
+it, and `ort_quantize` / `onnx_comparison` put ONNX Runtime's own quantizers beside it.
+
+    ql.export.to_onnx(w8a8_cnn, "cnn-w8a8.onnx", x[:1])   # the example's dim 0 (batch) stays dynamic
+    logits = ql.export.run_onnx("cnn-w8a8.onnx", x)       # ONNX Runtime on the CPU
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .core.granularity import PerChannel, PerGroup
@@ -112,6 +122,9 @@ from .gguf import GGML_TYPE_IDS, QTYPES, TYPE_SIZES
 from .gguf import dequantize as dequantize_blocks
 from .gguf import quantize as quantize_blocks
 from .models.tiny_gpt import GPTConfig
+from .core.granularity import PerTensor, PerToken
+from .kernels.reference import ActQuant, quantize_activations
+from .nn import QuantConv2d, QuantLinear
 
 AUTOGPTQ_BITS = (2, 3, 4, 8)
 
@@ -702,3 +715,589 @@ def load_gguf(path: str | Path) -> TinyGPT:
 __all__ = ["pack_gptq", "unpack_gptq", "autogptq_zero_points", "qtensor_to_autogptq", "qtensor_from_autogptq",
            "save_autogptq", "load_autogptq", "GGUF_GPT2_NAMES", "GGUF_FILE_TYPES", "gguf_gpt2_name", "gpt2_byte_tokens",
            "save_gguf", "GGUFTensor", "read_gguf", "gguf_tensor_values", "load_gguf"]
+
+
+# ============================================================================= ONNX: W8A8 models with QDQ nodes
+# ONNX (https://onnx.ai/onnx/operators/) writes a quantized tensor with two operators:
+#
+#     QuantizeLinear(x, y_scale, y_zero_point)    q = saturate(round_half_to_even(x / y_scale) + y_zero_point)
+#     DequantizeLinear(q, x_scale, x_zero_point)  x = (q - x_zero_point) * x_scale
+#
+# with one scale (per tensor) or a 1-D scale along `axis` (per channel); saturate clamps to the code type, int8
+# [-128, 127] or uint8 [0, 255]. A "QDQ model" is a float graph with such pairs wherever values are quantized.
+# ONNX Runtime fuses DQ -> op -> Q groups into integer kernels where it has them (QLinearConv, QGemm, ...) and
+# otherwise runs the float op on the dequantized values: the same numbers up to float rounding.
+#
+# to_onnx writes qlab's W8A8 layers (QuantLinear, QuantConv2d) that way, with qlab's own codes and qparams. The
+# initializers keep the module's buffer names, so "conv1.act_scale" in the file is model.conv1.act_scale:
+#
+#     <name>.weight_q      int8 codes (N, K); (O, C, kh, kw) for a convolution (the same codes, unflattened)
+#     <name>.weight_scale  (N,) per channel, or () per tensor:  W = DequantizeLinear(weight_q, weight_scale, axis=0)
+#     <name>.bias, <name>.input_scale (SmoothQuant's 1/s, which multiplies x before it is quantized)
+#     static:   <name>.act_scale, <name>.act_zero_point (int8 for symmetric codes, uint8 for asymmetric ones):
+#               x -> QuantizeLinear -> [Clip] -> DequantizeLinear -> Gemm / MatMul / Conv with W
+#     dynamic:  the scale (and zero point) are computed in the graph from each input, by qlab's rule:
+#               Flatten x to (M, K); per token (one scale per row) or per tensor; ReduceMax(|x|) / qmax for
+#               symmetric codes, or min / max widened to include 0 for asymmetric uint8 codes; a scale of 0 becomes
+#               1 (as ql.choose_qparams does); then QuantizeLinear / DequantizeLinear along axis 0 with that
+#               runtime scale. (ONNX's DynamicQuantizeLinear is per tensor, uint8 and asymmetric only: it is what
+#               ONNX Runtime's quantize_dynamic uses, and it is not qlab's per-token rule.)
+#
+# [Clip]: qlab's symmetric codes use the restricted range [-qmax, qmax] (int8: [-127, 127]) and reduce_range's
+# 7-bit codes [-63, 63] or [0, 127], where QuantizeLinear saturates to the whole int8 / uint8 range; a Clip on the
+# codes keeps qlab's range exactly. So the file computes qlab's codes; only the float sums after them may round
+# differently (a runtime adds the products in its own order).
+#
+# What ONNX Runtime makes of it: a qlab W8A8 layer returns floats (the next layer quantizes its own input), so
+# there is no DQ -> op -> Q group, and ORT has no kernel for per-token activation scales. It runs the float Conv /
+# MatMul on the dequantized operands (and dequantizes the weights at every call, since it cannot prepack a
+# computed weight): the same accuracy as qlab, at float speed or below. ORT's own quantize_static adds a Q after
+# every quantized op (the outputs are requantized) and gets its integer kernels; onnx_comparison measures both.
+#
+# The graph comes from torch's TorchScript-based exporter (torch.onnx.export(..., dynamo=False)): each quantized
+# layer is swapped, in a copy of the model, for a module whose quantize steps are autograd Functions with an ONNX
+# `symbolic`, which writes exactly the nodes above. The exporter is deprecated in torch 2.13 but exports in a
+# fraction of a second and prints nothing; its replacement (dynamo=True) would take torch.library custom ops with a
+# custom_translation_table, several seconds per export.
+
+ONNX_OPSETS = (18, 19, 20)  # ReduceMax takes its axes as an input from opset 18; the TorchScript exporter stops at 20
+ORT_CALIBRATION_METHODS = ("MinMax", "Entropy", "Percentile")
+_ORT_COMPUTE_OPS = ("Conv", "FusedConv", "NchwcConv", "QLinearConv", "ConvInteger", "Gemm", "FusedGemm", "QGemm",
+                    "MatMul", "FusedMatMul", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
+                    "DynamicQuantizeMatMul")
+
+
+def _import_onnx():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as err:
+        raise ImportError("ONNX export and ONNX Runtime need: pip install onnx==1.23.2 onnxruntime==1.32.0") from err
+    return onnx, onnxruntime
+
+
+# ----------------------------------------------------------------------------- 7) QDQ steps as ONNX nodes
+def _code_range(signed: bool, bits: int) -> tuple[int, int]:
+    """The codes ql.quantize allows: signed (symmetric) codes use the restricted range [-qmax, qmax]."""
+    qt = make_qtype(bits, signed=signed)
+    return (-qt.qmax, qt.qmax) if signed else (qt.qmin, qt.qmax)
+
+
+def _constant(g, value, dtype: torch.dtype):
+    return g.op("Constant", value_t=torch.tensor(value, dtype=dtype))
+
+
+def _clip_codes(g, q, signed: bool, bits: int):
+    """Clip QuantizeLinear's codes to qlab's range where it is narrower than the int8 / uint8 type's."""
+    lo, hi = _code_range(signed, bits)
+    code = torch.int8 if signed else torch.uint8
+    if (lo, hi) == (torch.iinfo(code).min, torch.iinfo(code).max):
+        return q
+    return g.op("Clip", q, _constant(g, lo, code), _constant(g, hi, code))
+
+
+class _StaticQDQ(torch.autograd.Function):
+    """x -> codes clamp(round(x / scale) + zero_point, lo, hi) -> (codes - zero_point) * scale, per tensor."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, signed: bool, bits: int):
+        lo, hi = _code_range(signed, bits)
+        z = zero_point.float()
+        return ((torch.round(x / scale) + z).clamp(lo, hi) - z) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, signed, bits):
+        q = g.op("QuantizeLinear", x, scale, zero_point)
+        return g.op("DequantizeLinear", _clip_codes(g, q, signed, bits), scale, zero_point)
+
+
+class _DynamicQDQ(torch.autograd.Function):
+    """x -> qlab's dynamic activation codes (scale per token or per tensor of x as (M, K)) -> back to floats."""
+
+    @staticmethod
+    def forward(ctx, x, signed: bool, bits: int, per_token: bool):
+        act = ActQuant(make_qtype(bits, signed=signed), PerToken() if per_token else PerTensor())
+        q, scale, zero_point = quantize_activations(x.reshape(-1, x.shape[-1]), act)  # (M, K) and () or (M, 1)
+        return ((q.float() - zero_point) * scale).reshape(x.shape)
+
+    @staticmethod
+    def symbolic(g, x, signed, bits, per_token):
+        onnx, _ = _import_onnx()
+        qt = make_qtype(bits, signed=signed)
+
+        def f32(v):
+            return _constant(g, v, torch.float32)
+
+        def reduce(op, v):  # over each row (per token) or everything (per tensor); keepdims=0: (M,) or ()
+            return g.op(op, v, _constant(g, [1], torch.int64), keepdims_i=0) if per_token else g.op(op, v, keepdims_i=0)
+
+        x2 = g.op("Flatten", x, axis_i=-1)  # (M, K)
+        if signed:  # 1) symmetric: scale = max |x| / qmax, zero point 0
+            scale = g.op("Div", reduce("ReduceMax", g.op("Abs", x2)), f32(float(qt.qmax)))
+        else:  # 1) asymmetric: the range [min, max], widened to include 0, spread over qmin..qmax
+            lo = g.op("Min", reduce("ReduceMin", x2), f32(0.0))
+            hi = g.op("Max", reduce("ReduceMax", x2), f32(0.0))
+            scale = g.op("Div", g.op("Sub", hi, lo), f32(float(qt.qmax - qt.qmin)))
+        tiny = torch.finfo(torch.float32).tiny
+        scale = g.op("Where", g.op("Greater", scale, f32(tiny)), scale, f32(1.0))  # 2) an all-zero row gets scale 1
+        if signed:  # 3) the zero point: zeros shaped like the scale, or round(qmin - lo / scale) clamped
+            zero_point = g.op("ConstantOfShape", g.op("Shape", scale), value_t=torch.tensor([0], dtype=torch.int8))
+        else:
+            zero_point = g.op("Round", g.op("Sub", f32(float(qt.qmin)), g.op("Div", lo, scale)))
+            zero_point = g.op("Clip", zero_point, f32(float(qt.qmin)), f32(float(qt.qmax)))
+            zero_point = g.op("Cast", zero_point, to_i=onnx.TensorProto.UINT8)
+        q = g.op("QuantizeLinear", x2, scale, zero_point, axis_i=0)  # 4) codes, one scale per row (or one)
+        x2 = g.op("DequantizeLinear", _clip_codes(g, q, signed, bits), scale, zero_point, axis_i=0)
+        return g.op("Reshape", x2, g.op("Shape", x))
+
+
+class _DequantizeWeight(torch.autograd.Function):
+    """int8 weight codes (N, ...) times one scale per output channel (or one scale): DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, weight_q, weight_scale, per_channel: bool):
+        scale = weight_scale.reshape(-1, *[1] * (weight_q.dim() - 1)) if per_channel else weight_scale
+        return weight_q.float() * scale
+
+    @staticmethod
+    def symbolic(g, weight_q, weight_scale, per_channel):
+        if per_channel:
+            return g.op("DequantizeLinear", weight_q, weight_scale, axis_i=0)
+        return g.op("DequantizeLinear", weight_q, weight_scale)
+
+
+class _OnnxW8A8(nn.Module):
+    """A QuantLinear or QuantConv2d as torch ops that export to ONNX's QDQ nodes: same buffer names, same values."""
+
+    def __init__(self, layer: QuantLinear | QuantConv2d) -> None:
+        super().__init__()
+        self.conv = isinstance(layer, QuantConv2d)
+        shape = (layer.out_channels, layer.in_channels, *layer.kernel_size) if self.conv else tuple(layer.weight_q.shape)
+        self.signed, self.bits = layer.act_qtype.signed, layer.act_qtype.bits
+        self.per_token = layer.act_granularity == PerToken()
+        code = torch.int8 if self.signed else torch.uint8
+        self.register_buffer("weight_q", layer.weight_q.reshape(shape).clone())  # (N, K) or (O, C, kh, kw)
+        self.register_buffer("weight_scale", layer.weight_scale.clone())  # (N,) or ()
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.clone())
+        input_scale = getattr(layer, "input_scale", None)
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.clone())
+        static = layer.static
+        self.register_buffer("act_scale", layer.act_scale.clone() if static else None)
+        self.register_buffer("act_zero_point", layer.act_zero_point.to(code) if static else None)
+        self.conv_args = (layer.stride, layer.padding, layer.dilation) if self.conv else ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        if self.act_scale is not None:
+            x = _StaticQDQ.apply(x, self.act_scale, self.act_zero_point, self.signed, self.bits)
+        else:
+            x = _DynamicQDQ.apply(x, self.signed, self.bits, self.per_token)
+        w = _DequantizeWeight.apply(self.weight_q, self.weight_scale, self.weight_scale.dim() == 1)
+        return F.conv2d(x, w, self.bias, *self.conv_args) if self.conv else F.linear(x, w, self.bias)
+
+
+def _dequantized_float(layer: QuantLinear | QuantConv2d) -> nn.Module:
+    """The float nn.Linear / nn.Conv2d that holds a W8A8 layer's dequantized weight (input_scale folded in)."""
+    w = layer.dequantize_weight()  # (N, K)
+    if getattr(layer, "input_scale", None) is not None:
+        w = w * layer.input_scale  # (x * s) @ W^T = x @ (W * s)^T
+    if isinstance(layer, QuantConv2d):
+        out = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                        layer.dilation, bias=layer.bias is not None)
+        w = w.reshape(out.weight.shape)  # (O, C, kh, kw)
+    else:
+        out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    out.weight.data.copy_(w)
+    if layer.bias is not None:
+        out.bias.data.copy_(layer.bias)
+    return out.eval()
+
+
+def _exportable(model: nn.Module, qdq: bool) -> nn.Module:
+    """A copy of model, in eval mode, whose W8A8 layers are QDQ modules (qdq=True) or dequantized float layers."""
+    model = copy.deepcopy(model).eval()
+    swaps: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            if qdq and isinstance(m, QuantConv2d) and not m.static:
+                raise ValueError(
+                    f"{name or 'the model'!r} is a QuantConv2d with dynamic activations: qlab quantizes its im2col "
+                    "patches, a range ONNX's Conv input does not have. Quantize the CNN with ql.Int8StaticConfig "
+                    "(calibrated per-tensor scales), or export it with qdq=False (dequantized float weights)")
+            swaps[name] = _OnnxW8A8(m) if qdq else _dequantized_float(m)
+        elif type(m).__module__.startswith("qlab.") and not type(m).__module__.startswith("qlab.models."):
+            kind = f"{type(m).__module__}.{type(m).__name__}"
+            raise ValueError(
+                f"{name or 'the model'!r} is a {kind}, which to_onnx cannot write: ONNX's QuantizeLinear / "
+                "DequantizeLinear hold int8/uint8 codes with one scale per tensor or per channel, and to_onnx knows "
+                "qlab's W8A8 layers (QuantLinear, QuantConv2d from ql.Int8StaticConfig or ql.Int8DynamicConfig). "
+                "Quantize this layer with one of those, leave it out of quantize_ (exclude=...), or replace it by an "
+                "nn.Linear holding its dequantized weight (a QAT model: ql.convert_ it first)")
+    if qdq and not swaps:
+        raise ValueError(f"{type(model).__name__} has no QuantLinear or QuantConv2d layer to write as QDQ nodes: "
+                         "quantize it with ql.Int8StaticConfig or ql.Int8DynamicConfig first, or export it as it is "
+                         "with qdq=False")
+    if "" in swaps:  # the model is itself one W8A8 layer
+        return swaps[""]
+    for name, new in swaps.items():
+        model.set_submodule(name, new)
+    return model
+
+
+# ----------------------------------------------------------------------------- 8) export, run, inspect
+def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | tuple[torch.Tensor, ...], *,
+            qdq: bool = True, opset: int = 18, dynamic_dims: tuple[int, ...] = (0,)) -> Path:
+    """Write a qlab model as an ONNX file; returns the path.
+
+    qdq=True: every QuantLinear / QuantConv2d becomes QuantizeLinear / DequantizeLinear nodes around a float
+    Gemm / MatMul / Conv, holding qlab's own int8 weight codes, per-channel weight scales and activation scales
+    and zero points (calibrated ones for static layers; for dynamic layers a small subgraph computes them from
+    each input by qlab's per-token or per-tensor rule). The ONNX section's comment above lists the nodes.
+    qdq=False: the float model, with each W8A8 layer's dequantized weight (an FP32 model is written as it is).
+
+    Args:
+        model: a module mapping example_input to one tensor (the digits CNN, the tiny GPT, ...).
+        example_input: one input tensor, or a tuple of them (named "input" or "input_0", "input_1", ...).
+        opset: the ONNX opset, one of ONNX_OPSETS.
+        dynamic_dims: the dimensions of every input that may change size (default: the batch); (0, 1) lets a
+            language model take any batch size and sequence length.
+
+    Raises:
+        ValueError: a qlab module that ONNX's Q/DQ nodes cannot express (named, with what to do instead), a
+            dynamic QuantConv2d, or qdq=True on a model without W8A8 layers.
+    """
+    onnx, _ = _import_onnx()
+    if opset not in ONNX_OPSETS:
+        raise ValueError(f"opset={opset} is not supported: use one of {ONNX_OPSETS} (ReduceMax takes its axes as an "
+                         "input from 18; torch's TorchScript exporter writes at most 20)")
+    inputs = (example_input,) if isinstance(example_input, torch.Tensor) else tuple(example_input)
+    names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
+    for name, x in zip(names, inputs):
+        bad = [d for d in dynamic_dims if not -x.dim() <= d < x.dim()]
+        if bad:
+            raise ValueError(f"dynamic_dims {bad} are not dimensions of {name} (shape {tuple(x.shape)})")
+    dynamic_axes = {n: {d % x.dim(): f"{n}_dim{d % x.dim()}" for d in dynamic_dims} for n, x in zip(names, inputs)}
+    exportable = _exportable(model, qdq)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # the exporter's deprecation notice and tracer warnings (Python ifs on shapes)
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning, torch.jit.TracerWarning))
+        torch.onnx.export(exportable, inputs, str(path), dynamo=False, opset_version=opset, input_names=names,
+                          output_names=["output"], dynamic_axes=dynamic_axes, do_constant_folding=True)
+    _undo_shared_initializers(onnx, path)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def _undo_shared_initializers(onnx, path: Path) -> None:
+    """Give every layer its own named initializers again.
+
+    The exporter stores equal tensors once and renames the copies through Identity nodes (every act_zero_point of 0
+    becomes "conv1.act_zero_point" -> Identity -> "conv2.act_zero_point"), so a reader would not find conv2's zero
+    point among the initializers. Each Identity of an initializer becomes a copy of it, under the copy's name."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    copies = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in initializers]
+    for node in copies:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(initializers[node.input[0]])
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        graph.node.remove(node)
+    if copies:
+        onnx.save(model, str(path))
+
+
+def onnx_session(path: str | Path, *, threads: int | None = None, optimized_path: str | Path | None = None) -> Any:
+    """An onnxruntime.InferenceSession on the CPU, with all graph optimizations (ORT's default).
+
+    threads: intra-op threads, default torch.get_num_threads() so that ONNX Runtime and torch are timed on the
+    same number of cores. optimized_path: where ORT saves the graph it actually runs (after its fusions)."""
+    _, ort = _import_onnx()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only (saving an optimized graph warns that it is machine-specific)
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(model: str | Path | Any, inputs: torch.Tensor | tuple[torch.Tensor, ...]
+             ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Run an ONNX file (a path) or an onnx_session on torch inputs; the output(s) as torch tensors."""
+    session = model if hasattr(model, "run") else onnx_session(model)
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    names = [i.name for i in session.get_inputs()]
+    if len(inputs) != len(names):
+        raise ValueError(f"the ONNX model takes {len(names)} input(s) {names}, got {len(inputs)}")
+    feed = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs)}
+    outputs = tuple(torch.from_numpy(y) for y in session.run(None, feed))
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def onnx_ops(path: str | Path, *, optimized: bool = False) -> dict[str, int]:
+    """How many nodes of each op type the file holds, or (optimized=True) the graph ONNX Runtime runs for it
+    after its fusions: e.g. QLinearConv or MatMulInteger where it found an integer kernel, Conv where not."""
+    onnx, _ = _import_onnx()
+    if optimized:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            onnx_session(path, optimized_path=Path(tmp) / "optimized.onnx")
+            graph = onnx.load(str(Path(tmp) / "optimized.onnx")).graph
+    else:
+        graph = onnx.load(str(path)).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+# ----------------------------------------------------------------------------- 9) ONNX Runtime's own quantizers
+def onnx_nodes_of(path: str | Path, module_names, op_types=("Conv", "Gemm", "MatMul")) -> list[str]:
+    """Names of the nodes of op_types that to_onnx wrote for the given modules (their scope is the module path).
+
+    Use it to have ONNX Runtime quantize the same layers as qlab: ort_quantize(..., nodes=onnx_nodes_of(...))."""
+    onnx, _ = _import_onnx()
+    prefixes = tuple("." + name + "." for name in module_names)
+    return [n.name for n in onnx.load(str(path)).graph.node
+            if n.op_type in op_types and n.name.replace("/", ".").startswith(prefixes)]
+
+
+def ort_quantize(fp32_path: str | Path, out_path: str | Path, *, mode: str = "static",
+                 calibrate_method: str = "MinMax", calib_data=None, per_channel: bool = True,
+                 nodes: list[str] | None = None) -> Path:
+    """Quantize an FP32 ONNX file with ONNX Runtime's own quantizer; returns out_path.
+
+    First ORT's recommended pre-processing (onnxruntime.quantization.quant_pre_process: shape inference and ORT's
+    basic graph optimizations), then:
+    mode="static": quantize_static in QDQ format: int8 weights (symmetric, per channel if per_channel) and int8
+    activations (asymmetric, per tensor) on the inputs and outputs of each quantized node, whose ranges come
+    from running calib_data through the model and calibrate_method: "MinMax" (the observed range), "Entropy" (the
+    range whose quantized histogram is closest in KL divergence, TensorRT's method) or "Percentile" (the
+    99.999th percentile of |x|).
+    mode="dynamic": quantize_dynamic: int8 weights; the activations are quantized per tensor at run time by
+    DynamicQuantizeLinear (uint8, asymmetric) feeding MatMulInteger / ConvInteger. No calibration.
+    ORT's progress messages are kept out of stdout.
+
+    Note: ORT 1.32's quantize_static builds its Entropy histograms with 128 bins and searches thresholds with 128
+    quantized bins, so the search has a single candidate, the whole range: "Entropy" gives MinMax's scales
+    unless a tensor's histogram grew while calibrating (TensorRT's method uses 2048 bins for 128 levels).
+
+    Args:
+        calib_data: static only: an iterable of input batches (a tensor, or a tuple of tensors, per batch).
+        nodes: quantize only these nodes (e.g. onnx_nodes_of(fp32_path, names), to quantize the layers qlab
+            did); only their op types are calibrated. None: every node ORT can quantize.
+    """
+    onnx, _ = _import_onnx()
+    import contextlib
+    import io
+    import tempfile
+
+    from onnxruntime import quantization as oq
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if mode not in ("static", "dynamic"):
+        raise ValueError(f"mode={mode!r} must be 'static' (calibrated activation ranges) or 'dynamic'")
+    if mode == "dynamic" and calib_data is not None:
+        raise ValueError("dynamic quantization takes its activation ranges from each input: pass no calib_data "
+                         "(or use mode='static')")
+    if mode == "static" and calibrate_method not in ORT_CALIBRATION_METHODS:
+        raise ValueError(f"calibrate_method={calibrate_method!r} must be one of {ORT_CALIBRATION_METHODS}")
+    if mode == "static" and calib_data is None:
+        raise ValueError("static quantization needs calib_data: a list of input batches to calibrate the "
+                         "activation ranges on (e.g. ql.data.digits_calibration_batches())")
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        model_path = str(Path(tmp) / "preprocessed.onnx")
+        quant_pre_process(str(fp32_path), model_path)
+        graph = onnx.load(model_path).graph
+        op_types = None
+        if nodes is not None:
+            kinds = {n.name: n.op_type for n in graph.node}
+            missing = [n for n in nodes if n not in kinds]
+            if missing or not nodes:
+                raise ValueError(f"nodes {missing or nodes} are not in {fp32_path} (after ORT's pre-processing): "
+                                 "take the names from ql.export.onnx_nodes_of(fp32_path, module_names)")
+            op_types = sorted({kinds[n] for n in nodes})
+        if mode == "dynamic":
+            oq.quantize_dynamic(model_path, str(out_path), op_types_to_quantize=op_types, per_channel=per_channel,
+                                weight_type=oq.QuantType.QInt8, nodes_to_quantize=nodes)
+            return Path(out_path)
+        names = [i.name for i in graph.input]
+
+        class Batches(oq.CalibrationDataReader):
+            """Feeds calib_data to ORT's calibrator, one {input name: array} per batch."""
+
+            def __init__(self) -> None:
+                self.batches = iter(calib_data)
+
+            def get_next(self) -> dict | None:
+                batch = next(self.batches, None)
+                if batch is None:
+                    return None
+                batch = (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+                return {n: x.detach().cpu().numpy() for n, x in zip(names, batch)}
+
+        oq.quantize_static(model_path, str(out_path), Batches(), quant_format=oq.QuantFormat.QDQ,
+                           op_types_to_quantize=op_types, per_channel=per_channel,
+                           activation_type=oq.QuantType.QInt8, weight_type=oq.QuantType.QInt8,
+                           calibrate_method=getattr(oq.CalibrationMethod, calibrate_method), nodes_to_quantize=nodes)
+    return Path(out_path)
+
+
+# ----------------------------------------------------------------------------- 10) side by side (chapter 10, bench)
+class OnnxCase(NamedTuple):
+    """One model of onnx_comparison: its FP32 and qlab W8A8 versions, data, and how to score a forward function."""
+
+    label: str  # "digits CNN"
+    fp32: nn.Module
+    w8a8: nn.Module  # quantized by qlab
+    recipe: str  # how w8a8 was made
+    calib: list[torch.Tensor]  # calibration batches (for ORT's quantize_static; qlab's static model used them too)
+    example: torch.Tensor  # a small input to export with
+    dynamic_dims: tuple[int, ...]
+    batch: torch.Tensor  # the batch that is timed and on which top-1 agreement with FP32 is counted
+    batch_label: str
+    metric_name: str
+    metric: Callable[[Callable[[torch.Tensor], torch.Tensor]], float]  # forward function -> score
+
+
+def _digits_cnn_case(eval_tokens: int) -> OnnxCase:
+    """Static W8A8 on the BN-folded digits CNN, scored on the whole test split (eval_tokens is the GPT's)."""
+    from .api import Int8StaticConfig, quantize_
+    from .bn_folding import fold_batchnorm_
+    from .data import digits_calibration_batches, digits_split
+    from .eval import accuracy
+    from .models import digits_cnn
+
+    fp32 = digits_cnn(pretrained=True)
+    fold_batchnorm_(fp32)  # what both quantizers start from (ORT would fold BatchNorm itself)
+    calib = digits_calibration_batches(8, 32)
+    w8a8 = quantize_(copy.deepcopy(fp32), Int8StaticConfig(), calib_data=calib)
+    x_test, y_test = digits_split("test")
+    return OnnxCase("digits CNN", fp32, w8a8, "ql.Int8StaticConfig() (MinMax, per-tensor int8 activations)", calib,
+                    x_test[:1], (0,), x_test[:64], "64 images", "test accuracy",
+                    lambda fn: accuracy(fn, x_test, y_test))
+
+
+def _tiny_gpt_case(eval_tokens: int) -> OnnxCase:
+    """Dynamic per-token W8A8 on the tiny GPT (LM head in FP32), scored in bits/byte on eval_tokens val bytes."""
+    from .api import Int8DynamicConfig, quantize_
+    from .data import lm_calibration_batches, pydoc_corpus
+    from .eval import perplexity
+    from .models import tiny_gpt
+
+    fp32 = tiny_gpt(pretrained=True)
+    w8a8 = quantize_(copy.deepcopy(fp32), Int8DynamicConfig(exclude="lm_head"))
+    val = pydoc_corpus("val")
+    T = fp32.config.block_size
+    return OnnxCase("tiny GPT", fp32, w8a8, 'ql.Int8DynamicConfig(exclude="lm_head") (per-token int8 activations)',
+                    lm_calibration_batches(4, batch_size=8, seq_len=T), torch.zeros(1, 8, dtype=torch.long), (0, 1),
+                    val[: 4 * T].reshape(4, T).long(), f"4 x {T} bytes", f"bits/byte ({eval_tokens} val bytes)",
+                    lambda fn: perplexity(fn, val, seq_len=T, max_tokens=eval_tokens, progress=False)["bits_per_token"])
+
+
+ONNX_CASES: dict[str, Callable[[int], OnnxCase]] = {"digits_cnn": _digits_cnn_case, "tiny_gpt": _tiny_gpt_case}
+
+
+def _ort_kernels(path: Path) -> str:
+    """The compute ops of the graph ONNX Runtime runs, e.g. "QLinearConv x3, QGemm"."""
+    ops = onnx_ops(path, optimized=True)
+    return ", ".join(f"{op} x{ops[op]}" if ops[op] > 1 else op for op in _ORT_COMPUTE_OPS if op in ops)
+
+
+def _torch_kernels(model: nn.Module, batch: torch.Tensor) -> str:
+    """The qlab kernels one forward runs (ql.kernels.trace), or aten for a float model."""
+    from . import kernels
+
+    with torch.inference_mode(), kernels.trace() as ran:
+        model(batch)
+    if not ran:
+        return "aten (float)"
+    return ", ".join(f"{name} x{ran.count(name)}" for name in dict.fromkeys(ran))
+
+
+def onnx_comparison(case: str = "digits_cnn", *, workdir: str | Path | None = None, repeats: int = 10,
+                    eval_tokens: int = 4096) -> list[dict[str, Any]]:
+    """One model, every route to int8 on the CPU, measured side by side in this run: a list of table rows.
+
+    Routes: FP32 and qlab's W8A8 model in torch; the FP32 export, qlab's QDQ export (to_onnx) and ONNX Runtime's
+    own quantizers (quantize_static with MinMax, Entropy and Percentile calibration, quantize_dynamic) in ONNX
+    Runtime. ORT quantizes the same layers as qlab (onnx_nodes_of) and calibrates on the same batches.
+
+    Each row: "model", "variant", "runtime", "kernels" (qlab's kernels traced in torch; for ORT the compute
+    ops of the graph it runs after its fusions: QLinearConv / QLinearMatMul / DynamicQuantizeMatMul are
+    integer kernels, Conv / FusedConv / MatMul / FusedMatMul are float), "metric" (its name) and "value"
+    (test accuracy for the digits CNN, bits/byte on the first eval_tokens validation bytes for the tiny GPT),
+    "agreement" (top-1 agreement with FP32 torch on the timed batch), "ms" (median milliseconds for the timed
+    batch, described in "batch"), "bytes" (the ONNX file, or ql.eval.model_nbytes in torch).
+    ONNX Runtime uses torch.get_num_threads() threads, as torch does.
+
+    Args:
+        case: a key of ONNX_CASES: "digits_cnn" (static W8A8; ~15 s on 2 cores) or "tiny_gpt" (dynamic W8A8).
+        workdir: where the ONNX files are written (default: a temporary directory, deleted afterwards).
+    """
+    import os
+    import tempfile
+
+    from .eval import median_ms, model_nbytes
+
+    if case not in ONNX_CASES:
+        raise ValueError(f"case={case!r} is not one of {sorted(ONNX_CASES)}")
+    c = ONNX_CASES[case](eval_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(workdir or tmp)
+        fp32_path = to_onnx(c.fp32, folder / f"{case}_fp32.onnx", c.example, qdq=False, dynamic_dims=c.dynamic_dims)
+        qdq_path = to_onnx(c.w8a8, folder / f"{case}_qlab_qdq.onnx", c.example, dynamic_dims=c.dynamic_dims)
+        quantized = [n for n, m in c.w8a8.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+        nodes = onnx_nodes_of(fp32_path, quantized)
+        ort_files = {f"ORT quantize_static {m}": ort_quantize(fp32_path, folder / f"{case}_ort_{m.lower()}.onnx",
+                                                              calibrate_method=m, calib_data=c.calib, nodes=nodes)
+                     for m in ORT_CALIBRATION_METHODS}
+        ort_files["ORT quantize_dynamic"] = ort_quantize(fp32_path, folder / f"{case}_ort_dynamic.onnx",
+                                                         mode="dynamic", nodes=nodes)
+        routes: list[tuple[str, str, Callable, str, int]] = [
+            ("FP32", "torch", c.fp32, _torch_kernels(c.fp32, c.batch), model_nbytes(c.fp32)),
+            (f"qlab W8A8: {c.recipe}", "torch", c.w8a8, _torch_kernels(c.w8a8, c.batch), model_nbytes(c.w8a8)),
+        ]
+        for variant, path in [("FP32 export", fp32_path), ("qlab W8A8, QDQ export (to_onnx)", qdq_path),
+                              *ort_files.items()]:
+            session = onnx_session(path)
+            routes.append((variant, f"ONNX Runtime {_ort_version()}", lambda x, s=session: run_onnx(s, x),
+                           _ort_kernels(path), os.path.getsize(path)))
+        with torch.inference_mode():
+            reference = c.fp32(c.batch).argmax(-1)
+            rows = []
+            for variant, runtime, fn, kernels_used, nbytes in routes:
+                rows.append({"model": c.label, "variant": variant, "runtime": runtime, "kernels": kernels_used,
+                             "metric": c.metric_name, "value": c.metric(fn),
+                             "agreement": float((fn(c.batch).argmax(-1) == reference).float().mean()),
+                             "ms": median_ms(fn, c.batch, warmup=2, repeats=repeats), "batch": c.batch_label,
+                             "bytes": nbytes})
+    return rows
+
+
+def _ort_version() -> str:
+    """The installed ONNX Runtime version."""
+    _, ort = _import_onnx()
+    return ort.__version__
+
+
+def onnx_comparison_table(rows: list[dict[str, Any]]) -> str:
+    """onnx_comparison's rows as one Markdown table (ql.viz.show_markdown displays it)."""
+    from .viz import markdown_table
+
+    header = ["model", "variant", "runtime", "kernels", "metric", "value", "top-1 = FP32", "ms / batch", "batch",
+              "bytes"]
+    cells = [[r["model"], r["variant"], r["runtime"], r["kernels"], r["metric"],
+              f"{r['value']:.4f}", f"{100 * r['agreement']:.1f} %", f"{r['ms']:.2f}", r["batch"], f"{r['bytes']:,}"]
+             for r in rows]
+    return markdown_table(header, cells)
+
+
+__all__ += ["ONNX_OPSETS", "ORT_CALIBRATION_METHODS", "to_onnx", "onnx_session", "run_onnx", "onnx_ops", "onnx_nodes_of",
+            "ort_quantize", "OnnxCase", "ONNX_CASES", "onnx_comparison", "onnx_comparison_table"]
