@@ -82,9 +82,9 @@ length limit. Where llama.cpp will differ from qlab: its GPT-2 MLP uses ggml_gel
 (GPT-2's gelu_new), while the Tiny GPT uses exact GELU (swapping it in moves bits/byte on the first 4096
 validation bytes by -0.0001 in float32); and position_embd has block_size = 128 rows, so run llama.cpp with
 a context of at most 128 (-c 128). `load_gguf(path)` reads such a file back (its own `read_gguf`, struct
-only) into a float TinyGPT whose block weights are the dequantized blocks. Next step: a llama.cpp load test
-(llama-perplexity on the file against load_gguf's bits/byte), not run here (building llama.cpp takes ~17
-minutes on this machine).
+only) into a float TinyGPT whose block weights are the dequantized blocks. llama.cpp itself loads every type
+save_gguf writes, with the same logits as qlab's model of the file (interop/tests/test_llama_cpp.py, run by
+`make interop` in the environment where llama-cpp-python is built).
 
     ql.export.save_gguf(ql.models.tiny_gpt(), "tiny-gpt-q4_0.gguf", qtype="Q4_0")   # llama.cpp's GPT-2
     model = ql.export.load_gguf("tiny-gpt-q4_0.gguf")                             # a float TinyGPT again

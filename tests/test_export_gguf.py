@@ -11,7 +11,7 @@ Oracles:
   convert_hf_to_gguf.py writes them;
 - load_gguf round trips: the logits equal, bit for bit, those of a qlab model whose block linears hold the
   dequantized weights (every other tensor is stored in F32, exactly), and bits/byte stays near FP32's.
-llama.cpp itself does not load these files here (building it takes ~17 minutes): that is the next test.
+llama.cpp itself loads these files in interop/tests/test_llama_cpp.py (`make interop`, where it is built).
 """
 
 import dataclasses
