@@ -25,10 +25,12 @@ from .eval import median_ms, memory_bandwidth_gbps, model_nbytes
 
 @dataclass(frozen=True)
 class Roofline:
-    """This machine's two roofs: DRAM read bandwidth (GB/s) and the best FP32 GEMM throughput (GFLOP/s)."""
+    """This machine's roofs: DRAM read bandwidth (GB/s), the FP32 GEMM throughput (GFLOP/s) and the int8 GEMM
+    throughput (GOP/s, `ql.kernels.int_mm`: integer dot-product instructions give it a higher ceiling)."""
 
     bandwidth_gbps: float
     peak_gflops: float
+    int8_peak_gops: float = float("nan")
 
     @property
     def ridge(self) -> float:
@@ -36,18 +38,27 @@ class Roofline:
         return self.peak_gflops / self.bandwidth_gbps
 
     def attainable(self, intensity: float) -> float:
-        """min(P, I x B) in GFLOP/s."""
+        """min(P, I x B) in GFLOP/s, with P the FP32 roof."""
         return min(self.peak_gflops, intensity * self.bandwidth_gbps)
+
+    def memory_roof(self, intensity: float) -> float:
+        """I x B in GFLOP/s: the most a kernel can do if every byte it moves comes from DRAM."""
+        return intensity * self.bandwidth_gbps
 
 
 def measure_roofline(size: int = 2048, tokens: int = 512, repeats: int = 5) -> Roofline:
-    """B from a sum over a 256 MiB buffer (reads every byte once); P from an FP32 (tokens x size) @ (size x size)."""
+    """B from a sum over a 256 MiB buffer (reads every byte once); the compute roofs from an FP32 and an int8
+    (tokens x size) @ (size x size) on the fastest kernels torch and qlab have."""
     if size < 1 or tokens < 1:
         raise ValueError(f"size={size} and tokens={tokens} must be positive")
     bandwidth = memory_bandwidth_gbps(kind="read", repeats=repeats)
     W, X = torch.randn(size, size), torch.randn(tokens, size)
+    flops = 2 * tokens * size * size
     ms = median_ms(torch.nn.functional.linear, X, W, warmup=1, repeats=repeats)
-    return Roofline(bandwidth, 2 * tokens * size * size / (ms / 1e3) / 1e9)
+    A8 = torch.randint(-127, 128, (tokens, size), dtype=torch.int8)
+    B8 = torch.randint(-127, 128, (size, size), dtype=torch.int8)
+    ms8 = median_ms(kernels.int_mm, A8, B8, warmup=1, repeats=repeats)
+    return Roofline(bandwidth, flops / (ms / 1e3) / 1e9, flops / (ms8 / 1e3) / 1e9)
 
 
 def _kernel_name(module: nn.Module, x: torch.Tensor) -> str:
@@ -126,4 +137,52 @@ def decode_profile(model: nn.Module, batch: int = 1, prompt_len: int = 64, new_t
                 model_bytes=model_nbytes(model))
 
 
-__all__ = ["Roofline", "measure_roofline", "linear_points", "decode_profile"]
+def _repository_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
+
+
+def llama_cpp_python() -> str | None:
+    """A Python interpreter that can import llama_cpp (llama.cpp's Python binding), or None.
+
+    Looked for in order: $QLAB_LLAMA_PYTHON, this interpreter, and the interop environment that `make interop`
+    builds next to this checkout (.venv-interop, where llama-cpp-python is compiled from source)."""
+    import os
+    import subprocess
+    import sys
+
+    candidates = [os.environ.get("QLAB_LLAMA_PYTHON"), sys.executable,
+                  str(_repository_root() / ".venv-interop" / "bin" / "python")]
+    for python in candidates:
+        if python and os.path.exists(python):
+            probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
+            if probe.returncode == 0:
+                return python
+    return None
+
+
+def llama_cpp_bench(python: str, qtypes: tuple[str, ...] = ("F32", "Q8_0", "Q4_0"), threads: int = 1,
+                    prompt: int = 64, decode: int = 64, repeats: int = 5, timeout: float = 600) -> dict:
+    """Run bench/llama_cpp.py (llama.cpp against qlab on the tiny GPT's GGUF files, same bytes, same threads) with
+    `python` (see llama_cpp_python) and return its JSON: machine, versions and one row per (type, engine) with
+    decode and prompt tokens/s and the kernels that ran. llama.cpp's own log lines stay in the subprocess."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    script = _repository_root() / "bench" / "llama_cpp.py"
+    if not script.exists():
+        raise FileNotFoundError(f"{script} is missing: llama_cpp_bench runs the benchmark of a qlab checkout")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "llama_cpp.json"
+        cmd = [python, str(script), "--qtypes", *qtypes, "--threads", str(threads), "--prompt", str(prompt),
+               "--decode", str(decode), "--repeats", str(repeats), "--json", str(out)]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if run.returncode != 0:
+            raise RuntimeError(f"bench/llama_cpp.py failed ({run.returncode}): {run.stderr.strip()[-2000:]}")
+        return json.loads(out.read_text())
+
+
+__all__ = ["Roofline", "measure_roofline", "linear_points", "decode_profile", "llama_cpp_python", "llama_cpp_bench"]
