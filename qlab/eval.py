@@ -42,11 +42,18 @@ def perplexity(
     stride = stride or seq_len // 2
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride={stride} must be in (0, seq_len={seq_len}]")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer: the windows scored per forward pass, "
+                         "e.g. 16 (lower it if memory runs out)")
     data = data.reshape(-1).long()
     if max_tokens is not None:
         data = data[: max_tokens + 1]
     if data.numel() < 2:
         raise ValueError("need at least 2 tokens to measure perplexity")
+    # token ids index the embedding and the logits: check them against the vocabulary now if the model says
+    # its size (config.vocab_size), else against the logits' width after the first forward pass
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    _check_token_ids(data, vocab_size)
     # (start, first scored position inside the window) for every window
     windows, prev_end = [], 0
     for start in range(0, data.numel() - 1, stride):
@@ -56,13 +63,24 @@ def perplexity(
         if end == data.numel() - 1:
             break
     with evaluating(model):
-        _score_windows(model, data, windows, batch_size, progress, totals := [0.0, 0])
+        _score_windows(model, data, windows, batch_size, progress, totals := [0.0, 0], vocab_size)
     total_nll, total_tokens = totals
     nll = total_nll / total_tokens
     return {"nll": nll, "perplexity": math.exp(nll), "bits_per_token": nll / math.log(2), "tokens": total_tokens}
 
 
-def _score_windows(model, data, windows, batch_size: int, progress: bool, totals: list) -> None:
+def _check_token_ids(data: torch.Tensor, vocab_size: int | None) -> None:
+    """Raise if a token id is negative or (when vocab_size is known) not below vocab_size."""
+    bad = data < 0 if vocab_size is None else (data < 0) | (data >= vocab_size)
+    if bool(bad.any()):
+        i, n = int(bad.nonzero()[0, 0]), int(bad.sum())
+        what = "is negative" if vocab_size is None else f"is outside the model's vocabulary [0, {vocab_size})"
+        raise ValueError(f"token id {int(data[i])} at position {i} {what} ({n} such id{'s' if n > 1 else ''} in data); "
+                         "tokenize with the model's own tokenizer (the tiny GPT reads bytes: ids 0..255)")
+
+
+def _score_windows(model, data, windows, batch_size: int, progress: bool, totals: list,
+                   vocab_size: int | None = None) -> None:
     """Add the summed NLL and the number of scored tokens of every window to totals[0], totals[1]."""
     for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
         chunk = windows[i : i + batch_size]
@@ -71,6 +89,9 @@ def _score_windows(model, data, windows, batch_size: int, progress: bool, totals
             x = torch.stack([data[s:e] for s, e, _ in group])  # (B, T)
             y = torch.stack([data[s + 1 : e + 1] for s, e, _ in group])  # (B, T)
             logp = torch.log_softmax(model(x).float(), dim=-1)  # (B, T, vocab)
+            if vocab_size is None:  # the model did not say its vocabulary: the logits do
+                vocab_size = logp.shape[-1]
+                _check_token_ids(data, vocab_size)
             nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (B, T)
             for row, (_, _, k) in enumerate(group):
                 totals[0] += float(nll[row, max(k, 0) :].sum())

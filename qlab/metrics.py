@@ -6,12 +6,20 @@ import math
 
 import torch
 
+from .core.checks import check_finite
+
 
 def _pair(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(x, torch.Tensor) or not isinstance(x_hat, torch.Tensor):
         raise ValueError("metrics take two torch tensors: the reference x and its approximation x_hat")
     if x.shape != x_hat.shape:
         raise ValueError(f"x has shape {tuple(x.shape)} but x_hat has shape {tuple(x_hat.shape)}; they must match")
+    if x.numel() == 0:
+        raise ValueError(f"x and x_hat are empty (shape {tuple(x.shape)}): an error over no elements is undefined; "
+                         "pass the tensor you quantized and its approximation")
+    check_finite(x, "x", "clean or mask the data (an error over NaN or Inf is NaN or Inf)")
+    check_finite(x_hat, "x_hat", "the approximation is broken (check the scale it was made with); an error over "
+                 "NaN or Inf is NaN or Inf")
     return x.detach().double(), x_hat.detach().double()
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .core.checks import check_finite
 from .core.granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken
 from .core.primitives import quantize
 from .core.qtensor import QTensor, from_codes, quantize_tensor
@@ -40,6 +41,8 @@ from .core.qtypes import QType, int4, int8, qtype, uint4, uint8
 from .kernels import ActQuant, KernelCache
 
 WEIGHT_GRANULARITIES = (PerChannel(0), PerTensor())
+NON_FINITE_INPUT = ("clean or mask the data: integer codes cannot hold NaN or Inf. The batch holds it or an earlier "
+                    "layer produced it (look for the first module whose output is not finite)")
 
 
 def static_qparams(act_qparams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +253,7 @@ class QuantLinear(_IntegerGEMM):
                    input_scale=getattr(linear, "input_scale", None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_finite(x, "QuantLinear's input", NON_FINITE_INPUT)
         return self.matmul(x)  # quantize x, integer GEMM, rescale, + bias
 
     def extra_repr(self) -> str:
@@ -339,6 +343,7 @@ class QuantConv2d(_IntegerGEMM):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_finite(x, "QuantConv2d's input", NON_FINITE_INPUT)
         y = self.matmul(self.im2col(x))  # (B, L, O): one GEMM row per output pixel
         return y.transpose(1, 2).reshape(x.shape[0], self.out_channels, *self.output_size(x))  # (B, O, H', W')
 

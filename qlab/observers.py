@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .core.checks import check_finite
 from .core.granularity import Granularity, PerChannel, PerTensor, PerToken, slices
 from .core.primitives import _check_float, _check_qtype, choose_qparams, dequantize, quantize
 from .core.qtypes import QType, int8
@@ -67,8 +68,10 @@ def qparams_from_range(
     hi = torch.as_tensor(max_val, dtype=torch.float32, device=lo.device)
     if lo.shape != hi.shape:
         raise ValueError(f"min_val has shape {tuple(lo.shape)} but max_val has shape {tuple(hi.shape)}; they must match")
-    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        raise ValueError("min_val and max_val must be finite; has the observer seen any data yet?")
+    hint = ("a range must be finite; NaN or Inf here comes from NaN or Inf in the observed data (clean or mask it) "
+            "or from a corrupted state_dict")
+    check_finite(lo, "min_val", hint)
+    check_finite(hi, "max_val", hint)
     if bool((lo > hi).any()):
         raise ValueError("min_val must be <= max_val everywhere; pass (min, max) in that order")
     # choose_qparams on the two-element slice [lo, hi] applies exactly its conventions, slice by slice
@@ -111,6 +114,8 @@ class Observer(nn.Module):
         _check_float(x)
         if x.numel() == 0:
             raise ValueError(f"{type(self).__name__} got an empty tensor of shape {tuple(x.shape)}")
+        check_finite(x, f"{type(self).__name__}'s input",
+                     "clean or mask the data (one NaN would make the whole range NaN, one Inf the scale Inf)")
         s = slices(x.detach().float(), self.granularity)  # (N,) per tensor, (C, N) per channel
         if self.num_batches and self.min_val is not None and s.shape[:-1] != self.min_val.shape:
             raise ValueError(
