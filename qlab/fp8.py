@@ -51,6 +51,7 @@ from torch import nn
 
 from . import kernels
 from .api import QuantConfig, register_handler, register_quantized_module, swap_modules
+from .core.checks import check_finite
 from .core.granularity import Granularity, PerChannel, PerTensor, PerToken, check_granularity
 
 FORMATS: MappingProxyType[str, torch.dtype] = MappingProxyType(
@@ -333,6 +334,7 @@ class FP8Linear(nn.Module):
         return scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_finite(x, "FP8Linear's input", "clean or mask the data: an FP8 scale computed from NaN or Inf is NaN")
         x2 = x.reshape(-1, self.in_features)  # (M, K): every leading dim is a row
         granularity = PerToken() if self.recipe == "rowwise" else PerTensor()
         x8, x_scale = quantize(x2, self.fmt, granularity, self._act_scale(x2), self.margin)  # (M, K), () or (M, 1)

@@ -31,7 +31,8 @@ from .api import QuantConfig, register_handler, swap_modules
 from .core.granularity import PerChannel
 from .core.qtensor import QTensor, from_codes
 from .core.qtypes import int8
-from .nn import _CachedKernels
+from .core.checks import check_finite
+from .nn import NON_FINITE_INPUT, _CachedKernels
 
 QMAX = 127
 
@@ -127,6 +128,7 @@ class Int8OutlierLinear(_CachedKernels):
         return cls(qt, linear.bias, threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_finite(x, "Int8OutlierLinear's input", NON_FINITE_INPUT)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         y, cols = int8_matmul_outliers(x2, self.weight_q, self.weight_scale * QMAX, self.threshold)
         self.last_outlier_fraction = cols.numel() / self.in_features

@@ -248,3 +248,12 @@ def test_half_precision_input_still_works(dtype):
     with pytest.raises(ValueError, match=r"x contains 1 NaN \(at index \(0, 1\)\)"):
         x[0, 1] = NAN
         ql.fake_quantize(x, ql.int8)
+
+
+@pytest.mark.parametrize("config", [ql.LLMInt8Config(), ql.FP8Config()], ids=["llm_int8", "fp8"])
+def test_other_dynamic_layers_refuse_non_finite_input(config):
+    layer = ql.quantize_(torch.nn.Sequential(torch.nn.Linear(16, 8)), config)
+    x = torch.randn(3, 16)
+    x[1, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"input contains 1 NaN \(at index \(1, 5\)\): clean or mask the data"):
+        layer(x)
