@@ -43,6 +43,48 @@ def test_every_chapter_ends_with_takeaways_and_exercises():
             assert text.index("## Key takeaways") < text.index("## Try it"), f"{name}: takeaways come before 'Try it'"
 
 
+def bib_keys() -> list[str]:
+    return re.findall(r"^@\w+\{([^,\s]+),", (ROOT / "book" / "references.bib").read_text(), flags=re.M)
+
+
+def cited_keys(text: str) -> set[str]:
+    """Keys of every {cite}, {cite:p}, {cite:t}... role in MyST text; `{pre}key{post}` keeps only the key."""
+    keys = set()
+    for targets in re.findall(r"\{cite(?::\w+)?\}`([^`]+)`", text):
+        keys |= {re.sub(r"\{[^{}]*\}", "", t).strip() for t in targets.split(",")}
+    return keys
+
+
+def test_references_are_citations_of_the_shared_bibliography():
+    """Each chapter's References section is its filtered {bibliography}, not a hand-written list; every key a
+    page cites is in book/references.bib, and every entry of references.bib is cited by some page."""
+    keys = bib_keys()
+    assert len(keys) == len(set(keys)), "references.bib has a duplicate key"
+    cited: set[str] = set()
+    for name in toc_files():
+        text = (ROOT / f"{name}.md").read_text()
+        page_keys = cited_keys(text)
+        assert page_keys <= set(keys), f"{name} cites keys missing from references.bib: {page_keys - set(keys)}"
+        cited |= page_keys
+        if "\n## References\n" in text:
+            section = text.split("\n## References\n", 1)[1].split("\n## ", 1)[0]
+            assert "```{bibliography}\n:filter: docname in docnames\n```" in section, f"{name}: References is not its bibliography"
+            assert not re.search(r"^\s*[-*] ", section, flags=re.M), f"{name}: References still lists works by hand"
+            assert page_keys, f"{name} has a References section but cites nothing"
+        elif Path(name).name.startswith("ch"):
+            pytest.fail(f"{name} has no References section")
+    assert set(keys) <= cited, f"references.bib entries no page cites: {sorted(set(keys) - cited)}"
+
+
+def test_glossary_defines_every_term_the_pages_link():
+    glossary = (ROOT / "book" / "glossary.md").read_text().split("```{glossary}", 1)[1].split("\n```", 1)[0]
+    terms = {line.strip().lower() for line in glossary.splitlines() if line.strip() and not line.startswith((" ", ":"))}
+    for name in toc_files():
+        for role in re.findall(r"\{term\}`([^`]+)`", (ROOT / f"{name}.md").read_text()):
+            target = (re.search(r"<([^<>]+)>\s*$", role) or re.match(r"(.*)", role)).group(1).strip().lower()
+            assert target in terms, f"{name} links the term '{target}', which book/glossary.md does not define"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_book_builds_with_every_chapter_executed(book_build):
