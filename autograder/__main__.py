@@ -4,11 +4,11 @@
     python -m autograder grade lab1 submitted/ --workers 8     # sandboxed, parallel grading
     python -m autograder grade lab1 canvas.zip --scheduler tcp://10.0.0.5:8786   # on a dask cluster
     python -m autograder feedback lab1                         # rewrite feedback pages from the records
-    python -m autograder export lab1                           # grades.csv from the gradebook
+    python -m autograder export lab1                           # grades_lab1.csv, grades_all.csv from the gradebook
 
 The course folder (--course, default labs/ of this repository) is nbgrader's: source/<lab>/,
-gradebook.db; grading writes autograded/, feedback/ and grades.csv into it. Run `grade` as root
-(for example in a container) for the full sandbox: see autograder/sandbox.py.
+gradebook.db; grading writes autograded/, feedback/, grades_<lab>.csv and grades_all.csv into it.
+Run `grade` as root (for example in a container) for the full sandbox: see autograder/sandbox.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     release = commands.add_parser("release", help="generate the student version with nbgrader and check it leaks nothing")
     release.add_argument("lab")
-    grade = commands.add_parser("grade", help="grade submissions in sandboxes; write gradebook, grades.csv, feedback")
+    grade = commands.add_parser("grade", help="grade submissions in sandboxes; write gradebook, grades CSVs, feedback")
     grade.add_argument("lab")
     grade.add_argument("submissions", type=Path,
                        help="nbgrader's submitted/ folder, a flat folder of <student>.ipynb, or an LMS zip")
@@ -41,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     grade.add_argument("--quiet", action="store_true", help="no progress bar")
     feedback = commands.add_parser("feedback", help="rewrite every feedback page of a lab from the stored results")
     feedback.add_argument("lab")
-    export = commands.add_parser("export", help="write grades.csv from the gradebook (manual overrides included)")
+    export = commands.add_parser("export", help="write grades_<lab>.csv and grades_all.csv from the gradebook "
+                                 "(manual overrides included)")
     export.add_argument("lab")
-    export.add_argument("--output", type=Path, default=None, help="CSV file (default: <course>/grades.csv)")
+    export.add_argument("--output", type=Path, default=None, help="write the lab's CSV here instead and leave the course's "
+                        "CSV files as they are (default: <course>/grades_<lab>.csv, then grades_all.csv)")
     args = parser.parse_args(argv)
     course = args.course.resolve()
 
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.lab}: released to {course / 'release' / args.lab}" + ("" if problems else ", no leaks"))
         return 1 if problems else 0
 
-    from autograder.records import Records, feedback_html, open_gradebook, write_atomic
+    from autograder.records import Records, feedback_html, open_gradebook, write_all_labs_csv, write_atomic
 
     records = Records(course, args.lab)
     if args.command == "grade":
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for result in results:
             statuses[result.status] = statuses.get(result.status, 0) + 1
         print(f"{args.lab}: graded {len(results)} submissions ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}); "
-              f"wrote {course / 'grades.csv'}, the gradebook and feedback/")
+              f"wrote {records.csv_path()}, {course / 'grades_all.csv'}, the gradebook and feedback/")
     elif args.command == "feedback":
         results = records.results()
         with open_gradebook(course) as gradebook:  # scores changed in formgrader win over the stored ones
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         with open_gradebook(course) as gradebook:
             scores = records.gradebook_scores(gradebook, args.lab)
         path = records.write_csv(args.output, scores)
-        print(f"{args.lab}: exported {len(scores)} students to {path}")
+        also = "" if args.output else f" and {write_all_labs_csv(course)}"
+        print(f"{args.lab}: exported {len(scores)} students to {path}{also}")
     return 0
 
 

@@ -22,7 +22,7 @@ import nbformat
 from tqdm import tqdm
 
 from autograder import collect, judge, notebook, plain, sandbox, spec
-from autograder.records import Records, open_gradebook
+from autograder.records import Records, open_gradebook, write_all_labs_csv
 
 
 def load_lab(course: Path, lab: str) -> tuple[nbformat.NotebookNode, list[spec.Part], tuple[str, ...]]:
@@ -103,6 +103,7 @@ def grade(lab: str, submissions: Path, course: Path, workers: int | None = None,
             bar.update()
         bar.close()
     records.write_csv()
+    write_all_labs_csv(course)
     return sorted(results, key=lambda result: result.student)
 
 

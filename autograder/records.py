@@ -1,4 +1,5 @@
-"""Where grades go: nbgrader's gradebook, grades.csv, one feedback page and one JSON record per student.
+"""Where grades go: nbgrader's gradebook, one CSV per lab and one for all labs, one feedback page and one JSON
+record per student.
 
 Only the grading process writes, one result at a time (`Records.write`), so there is a single writer.
 Each file is written to a temporary name and renamed over the old one (atomic on POSIX), and each
@@ -8,7 +9,9 @@ same rows and files, so re-running a batch is idempotent.
     <course>/gradebook.db                                  auto_score of each graded cell (nbgrader export, formgrader)
     <course>/autograded/<student>/<lab>/autograder.json    the full Result (status, reason, messages)
     <course>/feedback/<student>/<lab>/<lab>.html           what the student sees: points and a message per part
-    <course>/grades.csv                                    student_id, lab, score, max_score, <parts>, status, reason
+    <course>/grades_<lab>.csv                              student_id, lab, score, max_score, status, reason, then
+                                                           one column per test cell, in the notebook's order
+    <course>/grades_all.csv                                student_id, then one column per lab: its score (for an LMS)
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ import csv
 import html
 import io
 import os
+import re
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
+import nbformat
+
 from autograder.judge import Result
+
+FIXED_COLUMNS = ("student_id", "lab", "score", "max_score", "status", "reason")  # then the test cells
+ALL_LABS = "grades_all.csv"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -53,6 +62,15 @@ class Records:
 
     def feedback_path(self, student: str) -> Path:
         return self.course / "feedback" / student / self.lab / f"{self.lab}.html"
+
+    def csv_path(self) -> Path:
+        return self.course / f"grades_{self.lab}.csv"
+
+    def test_cells(self) -> list[str]:
+        """The grade_ids of the lab's graded cells, in the order of its source notebook."""
+        source = nbformat.read(self.course / "source" / self.lab / f"{self.lab}.ipynb", as_version=4)
+        return [cell.metadata["nbgrader"]["grade_id"] for cell in source.cells
+                if cell.metadata.get("nbgrader", {}).get("grade")]
 
     def results(self) -> list[Result]:
         """Every stored Result of this lab, sorted by student."""
@@ -91,31 +109,20 @@ class Records:
         write_atomic(self.feedback_path(result.student), feedback_html(result))
 
     def write_csv(self, path: Path | None = None, scores: dict[str, dict[str, float]] | None = None) -> Path:
-        """grades.csv: this lab's rows from the stored results (or gradebook `scores`), other labs' rows kept."""
-        path = Path(path) if path else self.course / "grades.csv"
+        """The lab's CSV (default grades_<lab>.csv) from the stored results, or with the gradebook's `scores`:
+        FIXED_COLUMNS, then one column per test cell in the notebook's order (cells the source no longer has last)."""
         results = self.results()
-        grade_ids = list(dict.fromkeys(part.grade_id for result in results for part in result.parts))
-        kept = []
-        if path.is_file():
-            with open(path, newline="", encoding="utf-8") as file:
-                kept = [row for row in csv.DictReader(file) if row.get("lab") != self.lab]
+        grade_ids = list(dict.fromkeys(self.test_cells() + [part.grade_id for result in results for part in result.parts]))
         rows = []
         for result in results:
             by_part = {part.grade_id: part.points for part in result.parts}
-            if scores is not None:
-                by_part.update(scores.get(result.student, {}))
-            row = {"student_id": result.student, "lab": self.lab, "score": _number(sum(by_part.values())),
-                   "max_score": _number(result.max_score)}
-            row.update({grade_id: _number(by_part.get(grade_id, 0)) for grade_id in grade_ids})
-            row.update(status=result.status, reason=result.reason or "; ".join(result.notes))
-            rows.append(row)
-        columns = ["student_id", "lab", "score", "max_score", *grade_ids, "status", "reason"]
-        columns += [key for row in kept for key in row if key not in columns]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(columns)), restval="")
-        writer.writeheader()
-        writer.writerows(kept + rows)
-        write_atomic(path, buffer.getvalue())
+            by_part.update((scores or {}).get(result.student, {}))
+            rows.append({"student_id": result.student, "lab": self.lab, "score": _number(sum(by_part.values())),
+                         "max_score": _number(result.max_score), "status": result.status,
+                         "reason": result.reason or "; ".join(result.notes),
+                         **{grade_id: _number(by_part.get(grade_id, 0)) for grade_id in grade_ids}})
+        path = Path(path) if path else self.csv_path()
+        write_atomic(path, _csv_text([*FIXED_COLUMNS, *grade_ids], rows))
         return path
 
     def gradebook_scores(self, gradebook, notebook: str) -> dict[str, dict[str, float]]:
@@ -128,6 +135,37 @@ class Records:
                 continue
             scores[result.student] = {grade.name: float(grade.score) for grade in submitted.grades}
         return scores
+
+
+def write_all_labs_csv(course: Path) -> Path:
+    """grades_all.csv, for an LMS: student_id, then one column per lab (lab1, lab2, ..., lab10) holding the
+    score of its grades_<lab>.csv; empty where a student has no row for that lab."""
+    course = Path(course)
+    tables = {}
+    for path in course.glob("grades_*.csv"):
+        if path.name != ALL_LABS:
+            tables[path.stem.removeprefix("grades_")] = {row["student_id"]: row["score"] for row in read_csv(path)}
+    labs = sorted(tables, key=lambda lab: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", lab)])
+    students = sorted({student for table in tables.values() for student in table})
+    rows = [{"student_id": student, **{lab: tables[lab].get(student, "") for lab in labs}} for student in students]
+    path = course / ALL_LABS
+    write_atomic(path, _csv_text(["student_id", *labs], rows))
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a grades CSV; a reason field may be longer than the csv module's default limit (128 KiB)."""
+    csv.field_size_limit(2**31 - 1)
+    with open(path, newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+def _csv_text(columns: list[str], rows: list[dict[str, str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def _number(value: float) -> str:

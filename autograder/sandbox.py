@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import numpy  # noqa: F401  (loaded before the sandbox starts: the runner's hidden folders hold no imports)
 import torch
 from IPython.core.inputtransformer2 import TransformerManager
+from IPython.utils.capture import capture_output
 
 import qlab
 
@@ -446,12 +447,77 @@ class CellTimeout(BaseException):
 
 
 class _Magics:
-    """What `get_ipython()` returns while grading: magics and shell commands (`%time`, `!ls`) do nothing."""
+    """What `get_ipython()` returns while grading (IPython's input transformer turns `%%time` and `%time x = 1`
+    into calls of these methods). The magics that wrap code run it once, in the notebook's namespace, as in
+    Jupyter: `%%time`, `%%timeit` (its setup line first), `%%prun`, `%%capture [name]` (name gets IPython's
+    CapturedIO) and the line magics `%time`, `%timeit`, `%prun`. Every other magic and shell command
+    (`%matplotlib inline`, `!pip install ...`) does nothing.
 
-    def run_line_magic(self, *args, **kwargs):
+    The code they run is the student's own, in the same runner process: no more than a plain cell can do.
+    """
+
+    # IPython's options of each line magic that take a value (`%timeit -n 10 -r 3 f()`): skipped before the code
+    VALUED_OPTIONS = {"time": "", "timeit": "nrpv", "prun": "DlsT"}
+
+    def __init__(self, namespace: dict, transformer: TransformerManager):
+        self._namespace, self._transformer = namespace, transformer
+
+    def run_cell_magic(self, name: str, line: str, cell: str):
+        if name == "capture":
+            return self._capture(line, cell)
+        if name == "timeit":
+            self._run(_strip_options(line, self.VALUED_OPTIONS[name]))  # the setup code
+        if name in self.VALUED_OPTIONS:
+            self._run(cell)
         return None
 
-    run_cell_magic = system = getoutput = run_line_magic
+    def run_line_magic(self, name: str, line: str, _stack_depth: int = 1):
+        if name not in self.VALUED_OPTIONS:
+            return None
+        caller = sys._getframe(_stack_depth).f_locals  # `%timeit f(x)` inside a function sees its locals
+        value = self._run(_strip_options(line, self.VALUED_OPTIONS[name]), None if caller is self._namespace else caller)
+        return value if name == "time" else None  # `y = %time f(x)` gets f(x), as in IPython
+
+    def system(self, *args, **kwargs):
+        return None
+
+    getoutput = system
+
+    def _run(self, source: str, local_ns: dict | None = None):
+        """Run source (magics allowed) in the notebook's namespace; the value if it is an expression."""
+        code = self._transformer.transform_cell(source)
+        try:
+            expression = compile(code, "<magic>", "eval")
+        except SyntaxError:
+            exec(compile(code, "<magic>", "exec"), self._namespace, local_ns)
+            return None
+        return eval(expression, self._namespace, local_ns)
+
+    def _capture(self, line: str, cell: str) -> None:
+        """%%capture [--no-stdout] [--no-stderr] [--no-display] [name]: run the cell with its output kept in name."""
+        words = line.split()
+        names = [word for word in words if not word.startswith("-")]
+        with capture_output("--no-stdout" not in words, "--no-stderr" not in words, display=False) as captured:
+            try:
+                self._run(cell)
+            finally:
+                if names and names[0].isidentifier():
+                    self._namespace[names[0]] = captured
+
+
+def _strip_options(line: str, valued: str) -> str:
+    """The code of a magic's line without its leading options: `-n 3 -r1 f()` -> `f()` (valued="nr")."""
+    rest = line.strip()
+    while rest[:1] == "-" and rest[1:2].isalpha():
+        option, rest = (rest.split(maxsplit=1) + [""])[:2]
+        if len(option) == 2 and option[1] in valued:  # `-n 3`: the value is the next word
+            rest = (rest.split(maxsplit=1) + ["", ""])[1]
+    return rest
+
+
+def _display(*objects, **kwargs) -> None:
+    """IPython's `display`, which Jupyter puts in every notebook's namespace: grading shows nothing."""
+    return None
 
 
 class _Program:
@@ -459,9 +525,10 @@ class _Program:
 
     def __init__(self, task: dict, out_fd: int, cell_timeout: float):
         self.steps, self.out_fd, self.cell_timeout = task["steps"], out_fd, cell_timeout
-        magics = _Magics()
-        self.namespace = {"__name__": "__main__", "__builtins__": builtins, "get_ipython": lambda: magics}
+        self.namespace = {"__name__": "__main__", "__builtins__": builtins, "display": _display}
         self.transformer = TransformerManager()
+        magics = _Magics(self.namespace, self.transformer)
+        self.namespace["get_ipython"] = lambda: magics
 
     def run(self) -> None:
         for step in self.steps:

@@ -8,7 +8,7 @@ in a copy of labs/ under pytest's tmp_path. Each case states the score its hones
 - a notebook that stops itself (os._exit, a segfault, an endless cell) keeps the parts graded before it stopped,
   as under nbgrader, where a test cell only passes if the notebook reaches it.
 
-Every number is also checked in nbgrader's gradebook, grades.csv and the feedback pages.
+Every number is also checked in nbgrader's gradebook, grades_lab1.csv and the feedback pages.
 """
 
 from __future__ import annotations
@@ -125,14 +125,14 @@ def attacks(course: Path, submissions: Path) -> dict[str, tuple[nbformat.Noteboo
             "    why = 'LEAKED'\n")), 100),
         "write_gradebook": (add_after(blank(honest()), "setup", (
             "import sqlite3\n"
-            f"for path in [{str(course / 'gradebook.db')!r}, {str(course / 'grades.csv')!r}]:\n"
+            f"for path in [{str(course / 'gradebook.db')!r}, {str(course / 'grades_lab1.csv')!r}]:\n"
             "    try:\n"
             "        db = sqlite3.connect(path)\n"
             "        db.execute('UPDATE grade SET auto_score = 100')\n"
             "        db.commit()\n"
             "    except Exception:\n"
             "        pass\n"
-            f"open({str(course / 'grades.csv')!r}, 'w').write('student_id,score\\nwrite_gradebook,100\\n')\n")), 0),
+            f"open({str(course / 'grades_lab1.csv')!r}, 'w').write('student_id,score\\nwrite_gradebook,100\\n')\n")), 0),
         # Processes that outlive the notebook: killed with the sandbox (checked below, no survivors).
         "background_process": (add_after(honest(), LAST, (
             "import os, subprocess, time\n"
@@ -376,7 +376,7 @@ def test_gradebook_csv_and_feedback_agree(batch):
             cells = {grade.name: grade.score for grade in submitted.grades}
             assert cells == {part.grade_id: part.points for part in results[student].parts}, student
         assert len(gradebook.find_assignment(LAB).submissions) == len(cases)
-    with open(course / "grades.csv", newline="") as file:
+    with open(course / "grades_lab1.csv", newline="") as file:
         rows = {row["student_id"]: row for row in csv.DictReader(file)}
     assert set(rows) == set(cases)
     for student, row in rows.items():
@@ -409,14 +409,111 @@ def test_regrading_is_idempotent(course, tmp_path):
     nbformat.write(honest(), submissions / "idem_full.ipynb")
     nbformat.write(blank(honest(), "packing"), submissions / "idem_partial.ipynb")
     first = grade(LAB, submissions, course, workers=2, limits=LIMITS, progress=False)
-    csv_before = (course / "grades.csv").read_text()
+    csv_before = (course / "grades_lab1.csv").read_text()
     second = grade(LAB, submissions, course, workers=2, limits=LIMITS, progress=False)
     assert [(r.student, r.score, r.status) for r in first] == [(r.student, r.score, r.status) for r in second]
     assert [(r.student, r.score) for r in second] == [("idem_full", 100), ("idem_partial", 85)]
-    assert (course / "grades.csv").read_text() == csv_before
+    assert (course / "grades_lab1.csv").read_text() == csv_before
     with open_gradebook(course) as gradebook:
         students = [s.student.id for s in gradebook.find_assignment(LAB).submissions]
     assert students.count("idem_full") == 1
+
+
+def with_magics(nb, idioms):
+    """The honest notebook with Jupyter idioms: cell magics on top of solution cells, line magics inside them."""
+    if "cell" in idioms:
+        for grade_id, magic in [("quantize_symmetric", "%%time"), ("quantize_asymmetric", "%%prun -s cumulative"),
+                                ("sqnr", "%%capture"), ("granularity", "%%capture captured --no-stderr")]:
+            cell = nb.cells[cell_index(nb, grade_id)]
+            cell.source = f"{magic}\nprint('shown in Jupyter, captured while grading')\n{cell.source}"
+        add_after(nb, "packing", "%%timeit -n 1 -r 1 codes = torch.arange(-8, 8)\nassert torch.equal(unpack_int4(pack_int4(codes), 16), codes)")
+    if "line" in idioms:
+        edited(nb, "analysis", "q, scale = quantize_symmetric(W, BITS)", (
+            "%matplotlib inline\n%load_ext autoreload\n!pip list\nfiles = !ls\n"
+            "%time q, scale = quantize_symmetric(W, BITS)\n"
+            "%timeit -n 1 -r 1 sqnr_db(W, dequantize_symmetric(q, scale))\n"
+            "%prun -s time per_channel_qparams(W, BITS)\n"
+            "bits = %time BITS\nassert bits == BITS\n"
+            "display(W[:2, :2])"))
+    if "capture" in idioms:  # what %%capture kept: the print of the granularity cell, nothing of the others
+        add_after(nb, "granularity", "captured.show()\nassert 'captured while grading' in captured.stdout")
+    return nb
+
+
+def test_jupyter_idioms_keep_full_marks(course, tmp_path):
+    """%%time, %%timeit, %%prun and %%capture run their cell; %time x = ..., %timeit, %prun keep their statement;
+    display exists; other magics and shell commands do nothing. None of them costs an honest student a point."""
+    submissions = tmp_path / "flat"
+    submissions.mkdir()
+    cases = {"cell_magics": ("cell",), "line_magics": ("line",), "capture_object": ("cell", "capture"),
+             "every_idiom": ("cell", "line", "capture")}
+    for student, idioms in cases.items():
+        nbformat.write(with_magics(honest(), idioms), submissions / f"{student}.ipynb")
+    results = {r.student: r for r in grade(LAB, submissions, course, workers=2, limits=LIMITS, progress=False)}
+    for student in cases:
+        assert (results[student].score, results[student].status) == (100, "graded"), results[student]
+        assert not any("raised" in note for note in results[student].notes), results[student].notes
+
+
+def test_magics_run_their_code_once_in_the_notebook_namespace():
+    """The runner's magics on their own (no sandbox): what runs, what is bound, what does nothing."""
+    cells = ["%%time\nx = 1",
+             "%%timeit -n 3 -r 2 runs = []\nruns.append(x)",
+             "%%capture out --no-stderr\nprint('hello')\ny = 2",
+             "%time z = x + y\nvalue = %time z * 10\n%timeit -n 5 runs.append(z)\n%prun -s cumulative w = z\ndisplay(w)",
+             "def f(a):\n    b = %time a + 1\n    return b\nv = f(41)",
+             "%%bash\nexit 1",
+             "%%writefile never.py\nnot_run = True",
+             "!touch never_created\nlisted = !ls\n%matplotlib inline",
+             "%%capture failed\nprint('before')\nraise ValueError('in the cell')"]
+    reader, writer = os.pipe()
+    program = sandbox._Program({"steps": [{"kind": "cell", "grade_id": f"c{i}", "source": source}
+                                          for i, source in enumerate(cells)]}, writer, cell_timeout=10)
+    program.run()
+    os.close(writer)
+    with os.fdopen(reader) as stream:
+        errors = [json.loads(line).get("error") for line in stream][:-1]
+    assert errors == [None] * 8 + ["ValueError"]
+    ns = program.namespace
+    assert (ns["x"], ns["y"], ns["z"], ns["value"], ns["w"], ns["v"], ns["runs"]) == (1, 2, 3, 30, 3, 42, [1, 3])
+    assert ns["out"].stdout == "hello\n" and ns["failed"].stdout == "before\n"
+    assert "not_run" not in ns and ns["listed"] is None and not os.path.exists("never_created")
+
+
+def test_grades_csv_per_lab_and_for_all_labs(tmp_path):
+    """grades_<lab>.csv: fixed columns, then the test cells in the notebook's order, whatever order the results
+    list them in; grades_all.csv: one score column per lab, in lab order (lab2 before lab10). Large fields read back."""
+    from autograder.judge import PartResult, Result
+    from autograder.records import FIXED_COLUMNS, Records, read_csv, write_all_labs_csv
+
+    course = tmp_path / "course"
+    for lab, source in [("lab2", "lab2"), ("lab10", "lab1")]:  # lab10: a copy of lab 1's notebook
+        (course / "source" / lab).mkdir(parents=True)
+        shutil.copy(ROOT / "labs" / "source" / source / f"{source}.ipynb", course / "source" / lab / f"{lab}.ipynb")
+    long_reason = "the notebook's process was killed " + "x" * 200_000  # over csv's default field limit (128 KiB)
+    order = {}
+    for lab, students in [("lab2", ["ann", "bob"]), ("lab10", ["bob", "cy"])]:
+        records = Records(course, lab)
+        order[lab] = records.test_cells()
+        for index, student in enumerate(students):
+            parts = [PartResult(grade_id, index, 10, "") for grade_id in reversed(order[lab])]
+            result = Result(student, lab, "crashed" if student == "bob" else "graded", long_reason if student == "bob" else "", parts)
+            path = records.record_path(student)
+            path.parent.mkdir(parents=True)
+            path.write_text(result.to_json())
+        records.write_csv()
+    source_order = [cell.metadata["nbgrader"]["grade_id"] for cell in nbformat.read(SOURCE, as_version=4).cells
+                    if meta(cell).get("grade")]
+    assert order["lab10"] == source_order == list(PART_POINTS)
+    for lab in ("lab2", "lab10"):
+        with open(course / f"grades_{lab}.csv", newline="") as file:
+            assert next(csv.reader(file)) == [*FIXED_COLUMNS, *order[lab]]
+    rows = {row["student_id"]: row for row in read_csv(course / "grades_lab10.csv")}
+    assert rows["bob"]["reason"] == long_reason and rows["cy"]["score"] == str(len(order["lab10"]))
+    write_all_labs_csv(course)
+    with open(course / "grades_all.csv", newline="") as file:
+        assert list(csv.reader(file)) == [["student_id", "lab2", "lab10"], ["ann", "0", ""],
+                                          ["bob", str(len(order["lab2"])), "0"], ["cy", "", str(len(order["lab10"]))]]
 
 
 def test_lms_zip(course, tmp_path):
@@ -468,7 +565,7 @@ def test_feedback_and_export_commands(batch):
     run = lambda *args: subprocess.run([sys.executable, "-m", "autograder", "--course", str(course), *args, LAB],
                                        cwd=ROOT, capture_output=True, text=True)
     assert run("export").returncode == 0
-    with open(course / "grades.csv", newline="") as file:
+    with open(course / "grades_lab1.csv", newline="") as file:
         rows = {row["student_id"]: row for row in csv.DictReader(file)}
     assert rows["wrong_why"]["score"] == "100" and rows["honest_a"]["score"] == "100"
     shutil.rmtree(course / "feedback")
