@@ -2,6 +2,7 @@
 
     python -m labs.release              # every lab in labs/source
     python -m labs.release lab1 lab2    # only these
+    python -m labs.release --force      # even the labs whose source did not change since their last release
 
 Run it from the repository root with the course's Python (the venv). A lab is a folder
 labs/source/<lab>/ holding nbgrader source notebooks. nbgrader makes the release
@@ -163,9 +164,29 @@ def _summary(name: str, release: Path) -> str:
     return f"{name}: {len(notebooks)} notebook(s), {len(graded)} graded cells, {points:g} points -> {release}"
 
 
+def source_fingerprint(name: str, root: Path = LABS_DIR) -> str:
+    """sha256 of everything a release of lab `name` is made from: its source folder (names and bytes), this
+    script and the nbgrader configuration. Equal fingerprints give the same release."""
+    import hashlib
+
+    root = Path(root)
+    digest = hashlib.sha256()
+    files = sorted(p for p in (root / "source" / name).rglob("*") if p.is_file() and ".ipynb_checkpoints" not in p.parts)
+    for path in [*files, Path(__file__), root / "nbgrader_config.py"]:
+        digest.update(str(path.relative_to(path.parents[1] if path == Path(__file__) else root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _stamp(name: str, root: Path = LABS_DIR) -> Path:
+    return Path(root) / "release" / ".stamps" / name
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labs.release", description=__doc__.split("\n")[0])
     parser.add_argument("labs", nargs="*", metavar="LAB", help="labs to release (default: all of labs/source)")
+    parser.add_argument("--force", action="store_true",
+                        help="release again even where the source is unchanged since the last release")
     args = parser.parse_args(argv)
     names = args.labs or all_labs()
     unknown = sorted(set(names) - set(all_labs()))
@@ -173,14 +194,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown lab(s) {unknown}; the labs are {all_labs()}")
     problems = []
     for name in names:
-        try:
-            release = release_lab(name)
-        except RuntimeError as error:
-            print(error, file=sys.stderr)
-            return 1
-        lab_problems = check_release(name)
+        fingerprint, stamp = source_fingerprint(name), _stamp(name)
+        release = LABS_DIR / "release" / name
+        fresh = (not args.force and release.is_dir() and stamp.is_file() and stamp.read_text() == fingerprint)
+        if not fresh:  # nbgrader runs only for a changed source (a few seconds per lab)
+            stamp.unlink(missing_ok=True)
+            try:
+                release = release_lab(name)
+            except RuntimeError as error:
+                print(error, file=sys.stderr)
+                return 1
+        lab_problems = check_release(name)  # always: a release edited by hand is checked again
         problems += lab_problems
-        print(_summary(name, release) + ("" if lab_problems else ", no leaks"))
+        if not lab_problems:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(fingerprint)
+        print(_summary(name, release) + ("" if lab_problems else ", no leaks") + (" (source unchanged)" if fresh else ""))
     if problems:
         print("LEAK: the student release would reveal solutions or hidden tests:", file=sys.stderr)
         for problem in problems:

@@ -10,6 +10,7 @@ import nbformat
 import pytest
 
 from lab_helpers import (
+    ROOT,
     autograde,
     check_full_marks,
     check_no_marks,
@@ -115,3 +116,21 @@ def test_hidden_tests_run_when_grading(grades):
     scores = grades["wrong_why"]
     assert scores.pop("test_analysis_answer") == (0, 7)
     assert all(score == top for score, top in scores.values()), scores
+
+
+def test_release_fingerprint_follows_the_source_content(tmp_path):
+    """make book skips nbgrader for a lab whose source did not change: the fingerprint must change with any
+    byte of the source (and only then)."""
+    from labs.release import source_fingerprint
+
+    root = tmp_path / "labs"
+    shutil.copytree(ROOT / "labs" / "source" / "lab1", root / "source" / "lab1")
+    shutil.copy(ROOT / "labs" / "nbgrader_config.py", root)
+    first = source_fingerprint("lab1", root)
+    (root / "source" / "lab1" / "lab1.ipynb").touch()
+    assert source_fingerprint("lab1", root) == first  # a new timestamp is not a new source
+    notebook = root / "source" / "lab1" / "lab1.ipynb"
+    notebook.write_text(notebook.read_text().replace("quantiz", "Quantiz", 1))
+    assert source_fingerprint("lab1", root) != first
+    (root / "source" / "lab1" / "extra.txt").write_text("data")
+    assert len({first, source_fingerprint("lab1", root)}) == 2
