@@ -104,9 +104,7 @@ def qlab_model_of_file(path: Path, qtype: str) -> torch.nn.Module:
 
 def kernels_of(model: torch.nn.Module, tokens: torch.Tensor) -> str:
     """The qlab kernels one forward of `tokens` (1, T) runs, or torch's FP32 GEMM where no qlab op runs."""
-    with torch.inference_mode(), ql.kernels.trace() as ran:
-        model(tokens)
-    return ", ".join(sorted(set(ran))) or TORCH_FP32
+    return ", ".join(sorted(set(ql.kernels.kernels_run(model, tokens)))) or TORCH_FP32
 
 
 # ----------------------------------------------------------------------------- one run of each engine

@@ -61,10 +61,9 @@ def measure_roofline(size: int = 2048, tokens: int = 512, repeats: int = 5) -> R
     return Roofline(bandwidth, flops / (ms / 1e3) / 1e9, flops / (ms8 / 1e3) / 1e9)
 
 
-def _kernel_name(module: nn.Module, x: torch.Tensor) -> str:
-    with torch.inference_mode(), kernels.trace() as ran:
-        module(x)
-    return " + ".join(dict.fromkeys(ran)) if ran else "torch F.linear"
+def _kernel_name(fn, *args, **kwargs) -> str:
+    """The distinct qlab kernels one call runs, or torch's float GEMM where no qlab op ran."""
+    return " + ".join(dict.fromkeys(kernels.kernels_run(fn, *args, **kwargs))) or "torch F.linear"
 
 
 def linear_points(configs: dict, in_features: int = 2048, out_features: int = 2048, tokens: tuple[int, ...] = (1, 64),
@@ -106,7 +105,7 @@ def decode_profile(model: nn.Module, batch: int = 1, prompt_len: int = 64, new_t
 
     The model must take forward(idx, cache=...) like the tiny GPT (`ql.kv_cache`). Returns the median over
     `repeats` runs of: prefill_ms, ms_per_token (decode steps), tokens_per_s (batch x decode steps per
-    second), and the model's stored bytes.
+    second), the model's stored bytes, and kernel: the qlab kernels of one decode step (`ql.kernels.trace`).
     """
     from .kv_cache import KVCache
 
@@ -121,7 +120,9 @@ def decode_profile(model: nn.Module, batch: int = 1, prompt_len: int = 64, new_t
     ids = torch.randint(0, vocab, (batch, prompt_len + new_tokens), generator=g)
     n_layer = len(model.blocks)
     prefill, decode = [], []
-    model(ids[:, :8], cache=KVCache(n_layer))  # warm-up: kernel layouts derived
+    warm = KVCache(n_layer)  # warm-up (kernel layouts derived): one token, then a decode step whose kernels are named
+    model(ids[:, :1], cache=warm)
+    kernel = _kernel_name(model, ids[:, 1:2], cache=warm)
     for _ in range(repeats):
         cache = KVCache(n_layer)
         t0 = time.perf_counter()
@@ -134,7 +135,7 @@ def decode_profile(model: nn.Module, batch: int = 1, prompt_len: int = 64, new_t
         decode.append(1e3 * (t2 - t1) / new_tokens)
     ms = sorted(decode)[len(decode) // 2]
     return dict(prefill_ms=sorted(prefill)[len(prefill) // 2], ms_per_token=ms, tokens_per_s=batch * 1e3 / ms,
-                model_bytes=model_nbytes(model))
+                model_bytes=model_nbytes(model), kernel=kernel)
 
 
 def _repository_root():

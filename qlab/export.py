@@ -1214,8 +1214,7 @@ def _torch_kernels(model: nn.Module, batch: torch.Tensor) -> str:
     """The qlab kernels one forward runs (ql.kernels.trace), or aten for a float model."""
     from . import kernels
 
-    with torch.inference_mode(), kernels.trace() as ran:
-        model(batch)
+    ran = kernels.kernels_run(model, batch)
     if not ran:
         return "aten (float)"
     return ", ".join(f"{name} x{ran.count(name)}" for name in dict.fromkeys(ran))

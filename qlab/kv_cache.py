@@ -186,10 +186,10 @@ def _stream_nbytes(width: int, tokens: int, bits: int, axis: str, group_size: in
     """Bytes of one layer's keys or values (width = n_head x head_dim channels per token), by the update rule."""
     if axis == "channel":  # whole windows of R tokens quantized: a (scale, min) pair per channel per group of tokens
         blocks, window = divmod(tokens, residual_length)
-        codes = blocks * (residual_length // group_size) * -(-group_size * width * bits // 8)
+        codes = blocks * (residual_length // group_size) * packed_nbytes(group_size * width, bits)
         return codes + blocks * (residual_length // group_size) * width * 2 * 2 + window * width * bytes_per_value
     stored, window = max(tokens - residual_length, 0), min(tokens, residual_length)  # tokens leave one at a time
-    codes = -(-stored * width * bits // 8)
+    codes = stored * packed_nbytes(width, bits)
     return codes + stored * (width // group_size) * 2 * 2 + window * width * bytes_per_value
 
 

@@ -35,6 +35,11 @@ def test_decode_profile_and_its_errors():
     out = deploy.decode_profile(gpt, batch=2, prompt_len=8, new_tokens=4, repeats=1)
     assert out["tokens_per_s"] == pytest.approx(2 * 1e3 / out["ms_per_token"])
     assert out["model_bytes"] == ql.eval.model_nbytes(gpt)
+    assert out["kernel"] == "torch F.linear"  # no qlab op in the FP32 model
+    w8a8 = ql.quantize_(ql.models.tiny_gpt().eval(), ql.Int8DynamicConfig())
+    step = ql.kernels.kernels_run(w8a8, torch.zeros(1, 1, dtype=torch.long))
+    assert step and deploy.decode_profile(w8a8, prompt_len=4, new_tokens=2, repeats=1)["kernel"] == " + ".join(
+        dict.fromkeys(step))
     with pytest.raises(ValueError, match="exceeds the model's context block_size=128"):
         deploy.decode_profile(gpt, prompt_len=100, new_tokens=40)
     with pytest.raises(ValueError, match="must be positive"):

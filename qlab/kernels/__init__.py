@@ -134,6 +134,13 @@ def trace() -> Iterator[list[str]]:
         _open_traces.remove(ran)
 
 
+def kernels_run(fn, *args, **kwargs) -> list[str]:
+    """The names of the kernels one call fn(*args, **kwargs) runs, in order (under torch.inference_mode)."""
+    with torch.inference_mode(), trace() as ran:
+        fn(*args, **kwargs)
+    return ran
+
+
 @contextmanager
 def disable(*names: str) -> Iterator[None]:
     """Take the named kernels out of the choice inside the block (the reference cannot be disabled)."""
@@ -172,6 +179,6 @@ INT_MM_CPU = cpu.INT_MM
 INT_MM_CUDA = cuda.INT_MM
 
 __all__ = [
-    "Kernel", "KernelCache", "ActQuant", "register", "registered", "ops", "choose", "call", "run", "trace",
+    "Kernel", "KernelCache", "ActQuant", "register", "registered", "ops", "choose", "call", "run", "trace", "kernels_run",
     "disable", "fast_only", "int_mm", "REFERENCE", "INT_MM_CPU", "INT_MM_CUDA", "reference", "cpu", "cuda", "native",
 ]
