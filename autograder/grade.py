@@ -42,11 +42,15 @@ def load_lab(course: Path, lab: str) -> tuple[nbformat.NotebookNode, list[spec.P
 
 
 def probe_calls(part: spec.Part) -> list[dict]:
-    """A part's probes as plain data for the sandbox (the judges stay here)."""
-    return [{"name": check.probe.name, "read": check.probe.read,
-             "args": [plain.to_transport(arg) for arg in check.probe.args],
-             "kwargs": {key: plain.to_transport(value) for key, value in check.probe.kwargs.items()}}
-            for check in part.checks]
+    """A part's probes as plain data for the sandbox (the judges stay here): each check's main probe, then
+    its context probes, in order. A `spec.Ref` argument travels as {"ref": key}."""
+    def transport(value):
+        return {"ref": value.key} if isinstance(value, spec.Ref) else plain.to_transport(value)
+
+    return [{"name": probe.name, "read": probe.read, "key": probe.key,
+             "args": [transport(arg) for arg in probe.args],
+             "kwargs": {key: transport(value) for key, value in probe.kwargs.items()}}
+            for check in part.checks for probe in check.probes()]
 
 
 def make_task(lab: str, submission: collect.Submission, program: notebook.Program, calls: dict[str, list],
@@ -96,8 +100,8 @@ def grade(lab: str, submissions: Path, course: Path, workers: int | None = None,
         bar = tqdm(total=len(results) + len(tasks), initial=len(results), desc=f"grading {lab}", unit="nb", disable=not progress)
         for student, run in _run_all({student: task for student, (task, _) in tasks.items()}, workers, scheduler):
             task, notes = tasks[student]
-            cells = {step["grade_id"] for step in task["steps"] if step["kind"] == "cell"}
-            result = judge.judge(student, lab, parts, run, notes, cells)
+            steps = [(step["kind"], step["grade_id"]) for step in task["steps"]]
+            result = judge.judge(student, lab, parts, run, notes, steps, disabled)
             records.write(gradebook, lab, result)
             results.append(result)
             bar.update()

@@ -421,8 +421,12 @@ def _address_space() -> int:
     return int(line.split()[1]) * 1024
 
 
+def disabled_message(name: str, lab: str) -> str:
+    return f"ql.{name} is disabled while grading {lab}: write it yourself"
+
+
 def _disabled_stub(*args, **kwargs):
-    raise RuntimeError("MESSAGE")
+    raise RuntimeError("MESSAGE")  # only builtins: the code runs with the globals of qlab's module
 
 
 def _disable(name: str, lab: str) -> None:
@@ -436,7 +440,7 @@ def _disable(name: str, lab: str) -> None:
         function = getattr(function, part)
     while hasattr(function, "__wrapped__"):  # a functools.wraps wrapper (torch.no_grad()) calls the
         function = function.__wrapped__     # original, whose code is the one to replace
-    message = f"ql.{name} is disabled while grading {lab}: write it yourself"
+    message = disabled_message(name, lab)
     code = _disabled_stub.__code__
     consts = tuple(message if const == "MESSAGE" else const for const in code.co_consts)
     function.__code__ = code.replace(co_consts=consts, co_name=function.__name__, co_qualname=function.__qualname__)
@@ -525,6 +529,8 @@ class _Program:
 
     def __init__(self, task: dict, out_fd: int, cell_timeout: float):
         self.steps, self.out_fd, self.cell_timeout = task["steps"], out_fd, cell_timeout
+        self.disabled = {disabled_message(name, task.get("lab", "")): name for name in task.get("disabled", ())}
+        self.pid = os.getpid()
         self.namespace = {"__name__": "__main__", "__builtins__": builtins, "display": _display}
         self.transformer = TransformerManager()
         magics = _Magics(self.namespace, self.transformer)
@@ -533,10 +539,11 @@ class _Program:
     def run(self) -> None:
         for step in self.steps:
             if step["kind"] == "cell":
-                error = self._timed(self._run_cell, step["source"], step["grade_id"])
+                error = self._timed(self._run_cell, self.cell_timeout, step["source"], step["grade_id"])
                 self._emit({"cell": step["grade_id"], "error": error})
-            else:
-                results = [self._call(call) for call in step["calls"]]
+            else:  # one time limit for all the probes of a test, as --cell-timeout promises
+                deadline, keyed = time.monotonic() + self.cell_timeout, {}
+                results = [self._call(call, deadline, keyed) for call in step["calls"]]
                 self._emit({"part": step["grade_id"], "results": results})
         self._emit({"done": True})
 
@@ -544,25 +551,41 @@ class _Program:
         code = compile(self.transformer.transform_cell(source), f"<cell {grade_id}>", "exec")
         exec(code, self.namespace)
 
-    def _call(self, call: dict) -> dict:
+    def _call(self, call: dict, deadline: float, keyed: dict) -> dict:
+        """One probe, within what is left of its test's time; `keyed` holds the values of earlier probes
+        of the same test that later ones refer to ({"ref": key})."""
+        def argument(value):
+            if isinstance(value, dict):
+                if value["ref"] not in keyed:
+                    raise LookupError("an earlier probe of this test gave no value")
+                return keyed[value["ref"]]
+            return plain.to_torch(value)
+
         def probe():
             if call["name"] not in self.namespace:
                 return {"raised": "NameError", "missing": True}
             target = self.namespace[call["name"]]
-            if call["read"]:
-                return plain.encode(target)
-            args = [plain.to_torch(arg) for arg in call["args"]]
-            kwargs = {key: plain.to_torch(value) for key, value in call["kwargs"].items()}
-            return plain.encode(target(*args, **kwargs))
+            if not call["read"]:
+                target = target(*[argument(arg) for arg in call["args"]],
+                                **{key: argument(value) for key, value in call["kwargs"].items()})
+            if call.get("key"):
+                keyed[call["key"]] = target
+            return plain.encode(target)
 
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return {"raised": "CellTimeout"}
         result = {}
-        error = self._timed(lambda: result.update(probe()))
+        error = self._timed(lambda: result.update(probe()), left)
         return {"raised": error} if error else result
 
-    def _timed(self, function, *args) -> str | None:
-        """Run function(*args) under the per-cell alarm; return None, or the name of what it raised."""
+    def _timed(self, function, seconds: float, *args) -> str | None:
+        """Run function(*args) under an alarm of `seconds`; return None, or the name of what it raised.
+
+        The alarm repeats every second until it is switched off, so code that catches the first
+        CellTimeout (a bare `except:` in a loop) is interrupted again."""
         signal.signal(signal.SIGALRM, _alarm)
-        signal.setitimer(signal.ITIMER_REAL, self.cell_timeout)
+        signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
         try:
             function(*args)
             return None
@@ -570,6 +593,9 @@ class _Program:
             return "CellTimeout"
         except BaseException as error:  # SystemExit, KeyboardInterrupt, MemoryError: the cell failed
             try:
+                if type(error) is RuntimeError and len(error.args) == 1 and type(error.args[0]) is str \
+                        and error.args[0] in self.disabled:
+                    return f"disabled:{self.disabled[error.args[0]]}"  # the sandbox's own explanation
                 return str(type(error).__name__)[:100]
             except BaseException:
                 return "Exception"
@@ -577,6 +603,8 @@ class _Program:
             signal.setitimer(signal.ITIMER_REAL, 0)
 
     def _emit(self, message: dict) -> None:
+        if os.getpid() != self.pid:  # a copy the notebook forked: it stops at the end of the cell that forked it,
+            os._exit(0)              # and only the runner itself reports (one record per step, in order)
         data = memoryview(json.dumps(message).encode() + b"\n")
         while data:
             data = data[os.write(self.out_fd, data):]

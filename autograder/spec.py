@@ -11,13 +11,26 @@ process, computes the expected answer itself (with qlab) and raises `Fail(messag
 wrong. Like an nbgrader test cell, a part earns its points only if all its checks pass.
 
 Messages reach students: say what was checked and how it failed, never a hidden input or an expected
-value. The helpers below (`returned`, `tensor`, `number`, ...) keep to that.
+value. The helpers below (`returned`, `tensor`, `number`, ...) keep to that. A hidden check's label
+("hidden check 3") is completed with the category of its inputs ("hidden check 3 (a 2-D mixed-sign
+float tensor; 4)"), so feedback says what kind of input failed without giving its values.
+
+Two refinements of the all-or-nothing rule:
+
+- partial credit: give every check of a part its own `points` (they must add up to the part's points),
+  and the part earns the points of each check that passes, as otter-grader's test cases do;
+- errors carried forward: a check's `context` lists further probes (the student's own earlier
+  functions or variables) whose outcomes reach the judge after the main one, `judge(out, *context)`,
+  so an analysis can be marked right given the student's own numbers. A probe argument `Ref("key")`
+  stands for what the earlier probe of the same part with `call(..., key="key")` returned, as the
+  student's own object (it never leaves the sandbox).
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import re
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable
@@ -40,6 +53,14 @@ class Call:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     read: bool = False
+    key: str | None = None  # later probes of the same part may pass this probe's value on with Ref(key)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A probe argument: the value the earlier probe `call(..., key=key)` of the same part returned."""
+
+    key: str
 
 
 def labels(prefix: str):
@@ -54,12 +75,12 @@ def labels(prefix: str):
     return label
 
 
-def call(name: str, *args, **kwargs) -> Call:
-    return Call(name, args, kwargs)
+def call(name: str, *args, key: str | None = None, **kwargs) -> Call:
+    return Call(name, args, kwargs, key=key)
 
 
-def read(name: str) -> Call:
-    return Call(name, read=True)
+def read(name: str, key: str | None = None) -> Call:
+    return Call(name, read=True, key=key)
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,7 @@ class Outcome:
     value: Any = None
     raised: str | None = None
     missing: bool = False  # the name was not defined, or the probe never ran
+    disabled: str | None = None  # the sandbox's explanation, when the call reached a disabled qlab function
 
 
 @dataclass(frozen=True)
@@ -76,13 +98,19 @@ class Check:
     """One probe and its judge; `label` names the check for the student ("the worked example")."""
 
     probe: Call
-    judge: Callable[[Outcome], None]
+    judge: Callable[..., None]
     label: str
+    points: float | None = None  # partial credit: this check's share of the part's points
+    context: tuple[Call, ...] = ()  # more probes whose outcomes the judge gets after the main one
+
+    def probes(self) -> tuple[Call, ...]:
+        return (self.probe, *self.context)
 
 
 @dataclass(frozen=True)
 class Part:
-    """The checks that replace one graded cell (grade_id) worth `points`."""
+    """The checks that replace one graded cell (grade_id) worth `points`: all or nothing, unless every
+    check has its own points (partial credit)."""
 
     grade_id: str
     points: float
@@ -91,6 +119,87 @@ class Part:
     def __post_init__(self):
         if self.points <= 0 or not self.checks:
             raise ValueError(f"part {self.grade_id!r} needs positive points and at least one check")
+        weighted = [check.points is not None for check in self.checks]
+        if any(weighted):
+            if not all(weighted) or any(check.points <= 0 for check in self.checks):
+                raise ValueError(f"part {self.grade_id!r}: give every check positive points, or none (all or nothing)")
+            if not math.isclose(sum(check.points for check in self.checks), self.points, abs_tol=1e-9):
+                raise ValueError(f"part {self.grade_id!r}: its checks' points add up to "
+                                 f"{sum(check.points for check in self.checks):g}, not {self.points:g}")
+        keys = [probe.key for check in self.checks for probe in check.probes() if probe.key]
+        if len(keys) != len(set(keys)):
+            raise ValueError(f"part {self.grade_id!r}: two probes have the same key")
+        seen = set()
+        for check in self.checks:
+            for probe in check.probes():
+                refs = {arg.key for arg in (*probe.args, *probe.kwargs.values()) if isinstance(arg, Ref)}
+                if refs - seen:
+                    raise ValueError(f"part {self.grade_id!r}: Ref{tuple(sorted(refs - seen))} names no earlier probe")
+                seen.add(probe.key)
+
+    @property
+    def partial(self) -> bool:
+        return self.checks[0].points is not None
+
+
+HIDDEN_LABEL = re.compile(r"hidden check \d+")
+
+
+def label_of(check: Check) -> str:
+    """The check's label as students read it: a bare "hidden check N" gains the category of its inputs."""
+    if not HIDDEN_LABEL.fullmatch(check.label) or check.probe.read:
+        return check.label
+    return f"{check.label} ({describe(*check.probe.args, *check.probe.kwargs.items())})"
+
+
+def describe(*values) -> str:
+    """The category of probe inputs, never their values: "a 2-D all-positive float tensor; 4, axis=-1"."""
+    words = []
+    for value in values:
+        name = None
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
+            name, value = value
+        if isinstance(value, torch.Tensor):
+            text = _tensor_category(value)
+        elif isinstance(value, Ref):
+            text = "your own earlier result"
+        elif value is None or type(value) in (bool, int, str) or (type(value) is float and abs(value) < 1e6):
+            text = repr(value)
+        elif type(value) is float:
+            text = "a large number"
+        else:
+            text = type(value).__name__
+        words.append(f"{name}={text}" if name else text)
+    return "; ".join(words) or "no inputs"
+
+
+def _tensor_category(x: torch.Tensor) -> str:
+    if x.numel() == 0:
+        return f"an empty {x.dim()}-D tensor"
+    shape = "a scalar" if x.dim() == 0 else f"a {x.dim()}-D"
+    kind = "integer" if not (x.is_floating_point() or x.is_complex()) else "float"
+    values = x.double() if kind == "float" else x.long()
+    if kind == "float" and not torch.isfinite(values).all():
+        sign = "non-finite"
+    elif (values == 0).all():
+        sign = "all-zero"
+    elif (values == values.reshape(-1)[0]).all():
+        sign = "constant"
+    elif (values > 0).all():
+        sign = "all-positive"
+    elif (values >= 0).all():
+        sign = "non-negative"
+    elif (values < 0).all():
+        sign = "all-negative"
+    else:
+        sign = "mixed-sign"
+    extra = ""
+    if kind == "float" and values.abs().max() > 1e3:
+        extra = " wide-range"
+    elif kind == "float" and values.abs().max() < 1e-2 and sign != "all-zero":
+        extra = " tiny-valued"
+    noun = "" if x.dim() == 0 else " tensor"
+    return f"{shape} {sign}{extra} {kind}{noun}" if x.dim() else f"a {sign}{extra} {kind} scalar"
 
 
 def load(lab: str) -> ModuleType:
@@ -108,8 +217,10 @@ def returned(out: Outcome, n: int | None = None, name: str = "the function"):
     """The value of a call that did not raise; with n, a tuple or list of n values."""
     if out.missing:
         raise Fail(f"{name} is not defined")
+    if out.disabled:
+        raise Fail(f"{name} failed: {out.disabled}")
     if out.raised == "CellTimeout":
-        raise Fail(f"{name} ran past the time limit")
+        raise Fail(f"{name} ran past the time limit of its test")
     if out.raised:
         raise Fail(f"{name} raised {out.raised}")
     if isinstance(out.value, Invalid):
@@ -132,7 +243,7 @@ def tensor(value, dtype: torch.dtype, shape: tuple | None = None, what: str = "t
     if result.dtype != dtype:
         raise Fail(f"{what} must be a {dtype} tensor, got {result.dtype}")
     if shape is not None and tuple(result.shape) != tuple(shape):
-        raise Fail(f"{what} has the wrong shape")
+        raise Fail(f"wrong shape for {what}")
     return result
 
 

@@ -340,7 +340,7 @@ def test_statuses_and_reasons(batch):
     _, results, _ = batch
     expected = {"corrupt_json": "corrupt", "not_a_notebook": "not_a_notebook", "empty_file": "empty",
                 "no_notebook": "missing", "os_exit": "crashed", "segfault": "crashed", "ignore_alarm": "timeout",
-                "result_flood": "output_limit"}
+                "result_flood": "output_limit", "fake_scores": "crashed"}
     for student, result in results.items():
         assert result.status == expected.get(student, "graded"), (student, result.status, result.reason)
         assert (result.reason != "") == (result.status != "graded"), student
@@ -349,7 +349,8 @@ def test_statuses_and_reasons(batch):
     assert any("retyped" in n or "missing" in n for n in results["retyped_cell"].notes)
     assert any("more than once" in n for n in results["duplicated_cells"].notes)
     disabled = results["delegate_to_qlab"].parts[0].message
-    assert "RuntimeError" in disabled, disabled
+    assert "is disabled while grading lab1: write it yourself" in disabled and "ql." in disabled, disabled
+    assert "grader's channel" in results["fake_scores"].reason
 
 
 @isolated
