@@ -54,11 +54,11 @@ def probe_calls(part: spec.Part) -> list[dict]:
 
 
 def make_task(lab: str, submission: collect.Submission, program: notebook.Program, calls: dict[str, list],
-              disabled: tuple[str, ...], limits: sandbox.Limits, hide: list[str]) -> dict:
+              disabled: tuple[str, ...], limits: sandbox.Limits) -> dict:
     steps = [dict(step, calls=calls[step["grade_id"]]) if step["kind"] == "probe" else step for step in program.steps]
     return {"lab": lab, "student": submission.student, "notebook_name": submission.name,
             "notebook_bytes": submission.data, "steps": steps, "disabled": list(disabled),
-            "limits": asdict(limits), "hide": hide}
+            "limits": asdict(limits)}
 
 
 def grade(lab: str, submissions: Path, course: Path, workers: int | None = None, limits: sandbox.Limits = sandbox.Limits(),
@@ -76,12 +76,15 @@ def grade(lab: str, submissions: Path, course: Path, workers: int | None = None,
         if "mount-namespace" not in sandbox.isolation_level():
             warnings.warn("the sandbox runs without namespaces (grade as root on Linux for full isolation): "
                           "student code can read files readable by its uid and reach the network", stacklevel=2)
+        elif "cgroup" not in sandbox.isolation_level():
+            warnings.warn("no cgroups to limit each sandbox as a whole (cgroups v2 with the memory, pids and cpu "
+                          "controllers, or their v1 hierarchies, writable by root): memory, processes and CPU "
+                          "are limited per process only", stacklevel=2)
     source, parts, disabled = load_lab(course, lab)
     records = Records(course, lab)
     _register(records, {part.grade_id: part.points for part in parts})
     # 1) a task per readable submission; a result at once for the others
     calls = {part.grade_id: probe_calls(part) for part in parts}
-    hide = [str(course), str(submissions if submissions.is_dir() else submissions.parent)]
     results, tasks = [], {}
     for submission in collect.collect(submissions, lab):
         notes = [submission.note] if submission.note else []
@@ -92,7 +95,7 @@ def grade(lab: str, submissions: Path, course: Path, workers: int | None = None,
         except notebook.Unreadable as error:
             results.append(judge.unanswered(submission.student, lab, parts, error.status, error.reason, notes))
             continue
-        tasks[submission.student] = (make_task(lab, submission, program, calls, disabled, limits, hide), notes + program.notes)
+        tasks[submission.student] = (make_task(lab, submission, program, calls, disabled, limits), notes + program.notes)
     # 2) run the sandboxes; judge and record each answer as it arrives (the single writer: this thread)
     with open_gradebook(course) as gradebook:
         for result in results:

@@ -62,8 +62,14 @@ from autograder import plain
 
 # Linux constants (sched.h, sys/mount.h, sys/prctl.h).
 CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+CLONE_NEWIPC, CLONE_NEWUTS, CLONE_NEWCGROUP = 0x08000000, 0x04000000, 0x02000000
+NAMESPACES = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+MNT_DETACH, SYS_PIVOT_ROOT = 2, 155  # umount2 flag; x86-64 syscall number
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+# The grader's environment never reaches the fork server (whose memory every sandbox starts from): only these.
+ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/nonexistent"}
+KEPT_VARIABLES = ("TZ", "LC_ALL", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 UID_BASE = 1_000_000  # sandbox uid = UID_BASE + pid of its supervisor: unique among running sandboxes
 RESULT_CAP = 32 * 2**20  # bytes of answers read back from one submission at most
@@ -108,12 +114,25 @@ def _fork_server() -> multiprocessing.context.BaseContext:
         return context
 
 
+_environment_lock = threading.Lock()
+
+
 def warm_up() -> None:
-    """Start the fork server now (it takes a few seconds to import torch), not at the first submission."""
+    """Start the fork server now (it takes a few seconds to import torch), not at the first submission,
+    with a scrubbed environment: the fork server's memory is every sandbox's starting image, so a
+    variable it never had (a token, a password) cannot be read back from /proc/self/environ or memory."""
     _fork_server()
     from multiprocessing import forkserver
 
-    forkserver.ensure_running()
+    with _environment_lock:
+        saved = dict(os.environ)
+        try:
+            os.environ.clear()
+            os.environ.update(ENVIRONMENT, **{key: saved[key] for key in KEPT_VARIABLES if key in saved})
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 def run(task: dict) -> dict:
@@ -127,6 +146,7 @@ def run(task: dict) -> dict:
     if multiprocessing.current_process().daemon:
         raise RuntimeError("sandboxes cannot start in a daemonic process: start dask workers with "
                            "DASK_DISTRIBUTED__WORKER__DAEMON=False (dask config distributed.worker.daemon: false)")
+    warm_up()  # (re)starts the fork server with a scrubbed environment if it is not running
     context = _fork_server()
     start = time.monotonic()
     reader, writer = context.Pipe(duplex=False)  # answers, from C
@@ -193,10 +213,142 @@ def isolation_level() -> tuple[str, ...]:
         return ("process-group", "rlimits")
     pid = os.fork()
     if pid == 0:
-        os._exit(0 if _unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET) else 1)
+        os._exit(0 if _unshare(NAMESPACES | CLONE_NEWCGROUP) else 1)
+    cgroups = ("cgroup",) if _Cgroup.available() else ()
     if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0:
-        return ("mount-namespace", "pid-namespace", "network-namespace", "private-uid", "rlimits")
-    return ("process-group", "private-uid", "rlimits")
+        return ("mount-namespace", "pivot-root", "pid-namespace", "network-namespace", "ipc-namespace", "uts-namespace",
+                "cgroup-namespace", "private-uid", *cgroups, "rlimits")
+    return ("process-group", "private-uid", *cgroups, "rlimits")
+
+
+# -- cgroups: limits for the whole sandbox, not per process ---------------------------------------------------
+
+
+class _Cgroup:
+    """One cgroup per sandbox, holding every process of it: memory.max = --memory (no swap), pids.max =
+    the process limit, cpu.max = one core. cgroups v2 where the grader's own cgroup can delegate the
+    memory, pids and cpu controllers; otherwise the v1 hierarchies of those controllers; otherwise none
+    (`available()` is False, `grade` says so once, and only the per-process rlimits apply)."""
+
+    CONTROLLERS = ("memory", "pids", "cpu")
+
+    def __init__(self, folders: list[str], version: int):
+        self.folders, self.version = folders, version
+
+    @staticmethod
+    @functools.cache
+    def _parents() -> tuple[int, tuple[str, ...]] | None:
+        """(version, the folders under which sandbox cgroups are made: one, or one per v1 controller)."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            with open("/proc/self/cgroup") as file:
+                own = dict(line.rstrip("\n").split(":", 2)[1:] for line in file)
+            with open("/proc/self/mountinfo") as file:
+                mounts = [line.split() for line in file]
+        except OSError:
+            return None
+        for fields in mounts:  # v2: a cgroup2 mount whose own cgroup can hand the controllers down
+            rest = fields[fields.index("-") + 1:]
+            if rest[0] == "cgroup2" and "" in own:
+                folder = os.path.join(fields[4], os.path.relpath(own[""], fields[3]))
+                try:
+                    with open(os.path.join(folder, "cgroup.controllers")) as file:
+                        if not set(_Cgroup.CONTROLLERS) <= set(file.read().split()):
+                            continue
+                    with open(os.path.join(folder, "cgroup.subtree_control"), "w") as file:
+                        file.write(" ".join(f"+{name}" for name in _Cgroup.CONTROLLERS))
+                    return 2, (os.path.normpath(folder),)
+                except OSError:
+                    continue
+        folders = []
+        for name in _Cgroup.CONTROLLERS:  # v1: one hierarchy per controller
+            for fields in mounts:
+                rest = fields[fields.index("-") + 1:]
+                if rest[0] == "cgroup" and name in rest[2].split(",") and name in own:
+                    folder = os.path.normpath(os.path.join(fields[4], os.path.relpath(own[name], fields[3])))
+                    if os.access(folder, os.W_OK):
+                        folders.append(folder)
+                        break
+            else:
+                return None
+        return 1, tuple(folders)
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether sandboxes get a cgroup here (made and removed once, to be sure)."""
+        try:
+            group = cls.create(f"qlab-probe-{os.getpid()}", Limits())
+        except OSError:
+            return False
+        if group is None:
+            return False
+        group.remove()
+        return True
+
+    @classmethod
+    def create(cls, name: str, limits: "Limits") -> "_Cgroup | None":
+        parents = cls._parents()
+        if parents is None:
+            return None
+        version, folders = parents
+        group = cls([os.path.join(folder, name) for folder in folders], version)
+        memory = limits.memory_mb * 2**20
+        try:
+            for folder in group.folders:
+                os.makedirs(folder, exist_ok=True)
+            if version == 2:
+                settings = [("memory.max", memory), ("memory.swap.max", 0), ("pids.max", limits.processes),
+                            ("cpu.max", "100000 100000")]
+            else:
+                settings = [("memory.limit_in_bytes", memory), ("memory.memsw.limit_in_bytes", memory),
+                            ("memory.swappiness", 0), ("pids.max", limits.processes),
+                            ("cpu.cfs_period_us", 100000), ("cpu.cfs_quota_us", 100000)]
+            for setting, value in settings:
+                group._write(setting, value, optional=setting in ("memory.swap.max", "memory.memsw.limit_in_bytes",
+                                                                  "memory.swappiness"))
+        except OSError:
+            group.remove()
+            raise
+        return group
+
+    def _write(self, setting: str, value, optional: bool = False) -> None:
+        controller = setting.split(".")[0]
+        folder = self.folders[0] if self.version == 2 else self.folders[self.CONTROLLERS.index(controller)]
+        try:
+            with open(os.path.join(folder, setting), "w") as file:
+                file.write(str(value))
+        except OSError:
+            if not optional:
+                raise
+
+    def join(self) -> None:
+        """Move the calling process into the cgroup (its children follow)."""
+        for folder in self.folders:
+            with open(os.path.join(folder, "cgroup.procs"), "w") as file:
+                file.write("0")
+
+    def remove(self) -> None:
+        """Kill whatever is left in the cgroup and remove it."""
+        for _ in range(200):
+            left = []
+            for folder in self.folders:
+                try:
+                    with open(os.path.join(folder, "cgroup.procs")) as file:
+                        left += [int(pid) for pid in file.read().split()]
+                except OSError:
+                    pass
+            _kill(*left)
+            for folder in self.folders:
+                try:
+                    os.rmdir(folder)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    break
+            else:
+                return
+            time.sleep(0.01)
 
 
 # -- A: the supervisor -------------------------------------------------------------------------------------
@@ -208,13 +360,18 @@ def _supervise(task: dict, writer, status) -> None:
     if any(name.startswith("autograder.specs") for name in sys.modules):
         os._exit(EXIT_INTERNAL)  # a grading spec must never be in memory a sandbox could read
     out_fd = writer.fileno()
-    isolated = os.geteuid() == 0 and _unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET)
+    cgroup = _Cgroup.create(f"qlab-sandbox-{os.getpid()}", limits) if os.geteuid() == 0 else None
+    isolated = os.geteuid() == 0 and _unshare(NAMESPACES)
     uid = UID_BASE + os.getpid() if os.geteuid() == 0 else None
     scratch = None if isolated else tempfile.mkdtemp(prefix="qlab-grade-")  # else a private tmpfs
     pid = os.fork()
     if pid == 0:
         try:
             status.close()  # only A reports the ending
+            if cgroup is not None:
+                cgroup.join()  # B, and every process of the sandbox after it, share the cgroup's limits
+            if isolated:
+                _unshare(CLONE_NEWCGROUP)  # the sandbox sees its own cgroup as the root
             _init(task, out_fd, uid, scratch, limits)
         finally:
             os._exit(EXIT_INTERNAL)
@@ -223,6 +380,8 @@ def _supervise(task: dict, writer, status) -> None:
     if ended is None:  # in a PID namespace, killing its init (B) kills every process in it
         _kill(pid)
         os.waitpid(pid, 0)
+    if cgroup is not None:
+        cgroup.remove()
     if not isolated:  # B's process group, and as root every process of the sandbox uid (setsid escapees)
         _kill(-pid)
         if uid is not None:
@@ -288,7 +447,7 @@ def _init(task: dict, out_fd: int, uid: int | None, scratch: str | None, limits:
     """
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # die with the supervisor
     if scratch is None:
-        workdir = _private_file_system(task["hide"] + _own_secrets(), limits.file_mb)
+        workdir = _private_root(limits.file_mb)
     else:
         os.setsid()
         workdir = scratch
@@ -318,15 +477,6 @@ def _init(task: dict, out_fd: int, uid: int | None, scratch: str | None, limits:
     os._exit(min(os.waitstatus_to_exitcode(status), EXIT_INTERNAL - 1))
 
 
-def _own_secrets() -> list[str]:
-    """The grading specs, the repository this package runs from (sources, hidden tests, .git), and the
-    grader's home folder (often private, and often where Python itself lives: pyenv, conda)."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    repository = os.path.dirname(package)
-    checkout = os.path.isdir(os.path.join(repository, "labs")) or os.path.isdir(os.path.join(repository, ".git"))
-    return [os.path.join(package, "specs"), os.path.expanduser("~")] + ([repository] if checkout else [])
-
-
 def _mount(source: str, target: str, fstype: str | None, flags: int, options: str | None = None) -> None:
     result = _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
                          options.encode() if options else None)
@@ -335,34 +485,102 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, options: st
         raise OSError(errno, f"mount {source} on {target}: {os.strerror(errno)}")
 
 
-def _private_file_system(hide: list[str], file_mb: int) -> str:
-    """In B's new mount namespace: hide the secret folders, make private scratch space; return the workdir."""
+SYSTEM_LIBRARIES = ("/usr/lib", "/usr/lib64", "/usr/lib32")  # shared libraries that Python extensions load
+SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
+DEVICES = ("null", "zero", "full", "random", "urandom")
+# Packages of this course whose source must not be readable in the sandbox even where a Python
+# installation holds them (a non-editable install): the specs (hidden tests), the lab sources, and qlab
+# itself (re-importing qlab from its source would bring back the functions the lab switches off).
+PRIVATE_PACKAGES = ("autograder", "labs", "qlab")
+
+
+def allowed_paths() -> tuple[list[str], list[str], list[str], str | None]:
+    """What the sandbox's root holds, read-only: (folders, files, package folders to cover with nothing,
+    qlab's checkpoint folder, bound last).
+
+    Only the Python installation (its standard library and site-packages, never the folders on sys.path
+    that hold something else), the system's shared libraries, the dynamic loader's cache, and qlab's
+    shipped checkpoints. Everything else on the host (the repository, the course, other submissions,
+    another clone of the course anywhere, home folders) is simply absent."""
+    paths = sysconfig.get_paths()
+    python = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix}:
+        python |= {sysconfig.get_paths(vars={"base": prefix, "platbase": prefix})[key] for key in ("stdlib", "purelib", "platlib")}
+    folders = {os.path.realpath(path) for path in [*python, *SYSTEM_LIBRARIES] if path and os.path.isdir(path)}
+    folders = sorted(path for path in folders if not any(other != path and _is_under(path, other) for other in folders))
+    files = sorted({os.path.realpath(path) for path in SYSTEM_FILES if os.path.exists(path)})
+    covered = []
+    for name in PRIVATE_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec and spec.submodule_search_locations:
+            for location in spec.submodule_search_locations:
+                location = os.path.realpath(location)
+                if any(_is_under(location, folder) for folder in folders):
+                    covered.append(location)
+    checkpoints = _qlab_checkpoints()
+    return folders, files, covered, os.path.realpath(checkpoints) if checkpoints and os.path.isdir(checkpoints) else None
+
+
+def _private_root(file_mb: int) -> str:
+    """In B's new mount namespace: build a root from an empty tmpfs with only `allowed_paths()` bound into it,
+    read-only, plus private /tmp, /dev/shm, a few device nodes and a /proc of the sandbox; pivot into it
+    and detach the host's tree. Return the work folder."""
+    if not _unshare(CLONE_NEWNS):  # a mount namespace of B's own: pivot_root moves every process of the
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed")  # namespace, and A stays on the host's root
     _mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
-    scratch = [path for path in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(path)]
-    covered = {os.path.realpath(path) for path in hide if os.path.isdir(path)} | set(scratch)
-    covered = sorted(p for p in covered if not any(q != p and _is_under(p, q) for q in covered))
-    # The interpreter and its packages may live inside a hidden folder (a venv in the repository):
-    # hold them open, cover everything, then bind them back. Only the interpreter's own folders, never
-    # a folder that holds something hidden (sys.path may name the repository itself).
-    # qlab's shipped checkpoints are data that labs load (ql.models.digits_cnn()); qlab's source stays
-    # hidden, so that re-importing it cannot bring back the functions disabled in the runner.
-    own = [sys.prefix, sys.base_prefix, *sysconfig.get_paths().values(), _qlab_checkpoints()]
-    keep = {os.path.realpath(p) for p in own if p and os.path.isdir(p)}
-    keep = {p for p in keep if any(_is_under(p, c) and p != c for c in covered)}
-    keep = {p for p in keep if not any(_is_under(c, p) for c in covered)}
-    keep = {p for p in keep if not any(q != p and _is_under(p, q) for q in keep)}
-    held = {path: os.open(path, os.O_PATH) for path in keep}
-    for path in covered:
-        size = f"{file_mb}m" if path in scratch else "64k"
-        _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},mode={'1777' if path in scratch else '755'}")
-    for path, fd in sorted(held.items()):
-        os.makedirs(path, exist_ok=True)
-        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+    folders, files, covered, checkpoints = allowed_paths()
+    sources = [*folders, *files, *([checkpoints] if checkpoints else [])]
+    held = {path: os.open(path, os.O_PATH) for path in sources}  # sources, before anything is covered
+    devices = {name: os.open(f"/dev/{name}", os.O_PATH) for name in DEVICES if os.path.exists(f"/dev/{name}")}
+    links = {name: os.readlink(f"/{name}") for name in ("bin", "lib", "lib32", "lib64", "sbin") if os.path.islink(f"/{name}")}
+    root = "/tmp"  # any folder will do: the new root is a fresh tmpfs mounted on it in this namespace only
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    for path in sources:
+        if path == checkpoints:  # after the covering below
+            continue
+        target = root + path
+        if os.path.isdir(f"/proc/self/fd/{held[path]}"):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "a").close()
+        _bind_read_only(f"/proc/self/fd/{held[path]}", target, MS_NODEV)
+        os.close(held[path])
+    for path in covered:  # an installed copy of the course's own packages: an empty folder in its place
+        if os.path.isdir(root + path):
+            _mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=4k,mode=755")
+    if checkpoints:  # data the labs load (ql.models.digits_cnn()), on top of a covered qlab folder if need be
+        os.makedirs(root + checkpoints, exist_ok=True)
+        _bind_read_only(f"/proc/self/fd/{held[checkpoints]}", root + checkpoints, MS_NODEV)
+        os.close(held[checkpoints])
+    for name, target in links.items():
+        os.symlink(target, f"{root}/{name}")
+    os.makedirs(f"{root}/dev", exist_ok=True)
+    _mount("tmpfs", f"{root}/dev", "tmpfs", MS_NOSUID, "size=64k,mode=755")
+    for name, fd in devices.items():
+        open(f"{root}/dev/{name}", "a").close()
+        _mount(f"/proc/self/fd/{fd}", f"{root}/dev/{name}", None, MS_BIND)
         os.close(fd)
-    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # shows the sandbox's processes only
+    for path, mode in (("/tmp", "1777"), ("/dev/shm", "1777")):
+        os.makedirs(root + path, exist_ok=True)
+        _mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={file_mb}m,mode={mode}")
+    os.makedirs(f"{root}/proc")
+    _mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # shows the sandbox's processes only
+    os.chdir(root)
+    if _libc.syscall(SYS_PIVOT_ROOT, b".", b".") != 0:  # the old root ends up stacked under the new one...
+        raise OSError(ctypes.get_errno(), "pivot_root failed")
+    if _libc.umount2(b".", MNT_DETACH) != 0:  # ...and is detached: the host's tree is gone from this namespace
+        raise OSError(ctypes.get_errno(), "detaching the host's root failed")
+    os.chdir("/")
+    _mount("none", "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)  # the skeleton is read-only
     workdir = "/tmp/submission"  # the only thing in the sandbox's /tmp
     os.mkdir(workdir)
     return workdir
+
+
+def _bind_read_only(source: str, target: str, extra: int = 0) -> None:
+    _mount(source, target, None, MS_BIND | MS_REC)
+    _mount("none", target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | extra)
 
 
 def _qlab_checkpoints() -> str | None:
