@@ -85,6 +85,7 @@ def grade(lab: str, submissions: Path, course: Path, workers: int | None = None,
     _register(records, {part.grade_id: part.points for part in parts})
     # 1) a task per readable submission; a result at once for the others
     calls = {part.grade_id: probe_calls(part) for part in parts}
+    notebook.assemble(source, [])  # the source itself must be fit to run (raises for the instructor, not per student)
     results, tasks = [], {}
     for submission in collect.collect(submissions, lab):
         notes = [submission.note] if submission.note else []
@@ -92,26 +93,47 @@ def grade(lab: str, submissions: Path, course: Path, workers: int | None = None,
             if submission.problem:
                 raise notebook.Unreadable(*submission.problem)
             program = notebook.assemble(source, notebook.parse(submission.data))
+            tasks[submission.student] = (make_task(lab, submission, program, calls, disabled, limits), notes + program.notes)
         except notebook.Unreadable as error:
             results.append(judge.unanswered(submission.student, lab, parts, error.status, error.reason, notes))
-            continue
-        tasks[submission.student] = (make_task(lab, submission, program, calls, disabled, limits), notes + program.notes)
+        except Exception as error:  # nothing one submission holds may stop the batch
+            results.append(judge.unanswered(submission.student, lab, parts, "error", _failure("could not be prepared", error), notes))
     # 2) run the sandboxes; judge and record each answer as it arrives (the single writer: this thread)
+    failed_writes = []
     with open_gradebook(course) as gradebook:
         for result in results:
-            records.write(gradebook, lab, result)
+            _write(records, gradebook, lab, result, failed_writes)
         bar = tqdm(total=len(results) + len(tasks), initial=len(results), desc=f"grading {lab}", unit="nb", disable=not progress)
         for student, run in _run_all({student: task for student, (task, _) in tasks.items()}, workers, scheduler):
             task, notes = tasks[student]
             steps = [(step["kind"], step["grade_id"]) for step in task["steps"]]
-            result = judge.judge(student, lab, parts, run, notes, steps, disabled)
-            records.write(gradebook, lab, result)
+            try:
+                result = judge.judge(student, lab, parts, run, notes, steps, disabled)
+            except Exception as error:  # a judge's own bug: this student is reported, the others are graded
+                result = judge.unanswered(student, lab, parts, "error", _failure("could not be judged", error), notes)
+            _write(records, gradebook, lab, result, failed_writes)
             results.append(result)
             bar.update()
         bar.close()
+    if failed_writes:
+        warnings.warn(f"the records of {len(failed_writes)} submissions could not be written: {'; '.join(failed_writes[:5])}",
+                      stacklevel=2)
     records.write_csv()
     write_all_labs_csv(course)
     return sorted(results, key=lambda result: result.student)
+
+
+def _failure(what: str, error: Exception) -> str:
+    return f"the submission {what} ({type(error).__name__}): please report this to the course staff"
+
+
+def _write(records: Records, gradebook, lab: str, result: judge.Result, failed: list[str]) -> None:
+    """Store one result; a failure to write it is reported at the end and stops no one else's grading."""
+    try:
+        records.write(gradebook, lab, result)
+    except Exception as error:
+        result.status, result.reason = "error", f"the grade could not be recorded ({type(error).__name__}: {str(error)[:200]})"
+        failed.append(f"{result.student}: {type(error).__name__}")
 
 
 def _register(records: Records, points: dict[str, float]) -> None:

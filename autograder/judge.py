@@ -39,7 +39,7 @@ class Result:
 
     student: str
     lab: str
-    status: str  # graded, timeout, crashed, output_limit, empty, corrupt, not_a_notebook, missing, error
+    status: str  # graded, timeout, crashed, output_limit, empty, corrupt, not_a_notebook, missing, refused, error
     reason: str
     parts: list[PartResult]
     notes: list[str] = field(default_factory=list)

@@ -58,10 +58,16 @@ def parse(data: bytes) -> list[Cell]:
         raise Unreadable("corrupt", f"the notebook is larger than {MAX_NOTEBOOK_BYTES // 2**20} MiB")
     try:
         content = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except RecursionError:
+        raise Unreadable("corrupt", "the file's JSON is nested too deeply to be a notebook") from None
+    except ValueError as error:  # not UTF-8, not JSON, or an integer longer than Python reads
         raise Unreadable("corrupt", f"the file is not valid JSON ({type(error).__name__}): is it a saved .ipynb?") from None
     if isinstance(content, dict) and content.get("nbformat") == 3:
-        content = nbformat.convert(nbformat.from_dict(content), 4)  # very old Jupyter
+        try:
+            content = nbformat.convert(nbformat.from_dict(content), 4)  # very old Jupyter
+        except Exception as error:  # whatever a malformed old notebook makes nbformat raise
+            raise Unreadable("corrupt", f"the file claims to be an nbformat-3 notebook but could not be converted "
+                                        f"({type(error).__name__}): open it in Jupyter and save it again") from None
     if not isinstance(content, dict) or not isinstance(content.get("cells"), list):
         raise Unreadable("not_a_notebook", "the file is JSON but not a Jupyter notebook (no list of cells)")
     cells = []

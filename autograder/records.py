@@ -74,8 +74,14 @@ class Records:
 
     def results(self) -> list[Result]:
         """Every stored Result of this lab, sorted by student."""
-        paths = sorted(self.course.glob(f"autograded/*/{self.lab}/autograder.json"))
-        return [Result.from_json(path.read_text(encoding="utf-8")) for path in paths]
+        results = []
+        for path in sorted(self.course.glob(f"autograded/*/{self.lab}/autograder.json")):
+            try:
+                results.append(Result.from_json(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError, KeyError) as error:  # a damaged record: the others still count
+                warnings.warn(f"skipped the unreadable record {path} ({type(error).__name__}): grade that student again",
+                              stacklevel=2)
+        return results
 
     # -- writing ---------------------------------------------------------------------------------------
 

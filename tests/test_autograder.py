@@ -29,7 +29,7 @@ import pytest
 
 from autograder import collect, notebook, plain, sandbox
 from autograder.grade import grade, load_lab
-from autograder.records import open_gradebook
+from autograder.records import open_gradebook, read_csv
 from labs.release import run_nbgrader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -778,3 +778,235 @@ def test_every_specs_disabled_function_raises_when_called():
     proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "disabled gptq.quantize_weight" in proc.stdout and "disabled awq.scale_grid_losses" in proc.stdout
+
+
+# -- issue 14: the sandbox as a whole, batches that never crash, collection that trusts nothing --------------
+
+IPC_KEY = 0x51AB0000 + os.getpid() % 0xFFFF  # SysV keys a notebook below creates; none may outlive it
+CLONE = Path("/var/lib") / f"qlab-second-clone-{os.getpid()}"  # outside every folder the old deny-list hid
+
+
+def _sandbox_attacks(clone: Path) -> dict[str, tuple[nbformat.NotebookNode, float, str]]:
+    """Attacks on the sandbox as a whole: (notebook, the score it deserves, the status it must get). Each
+    one that succeeds turns `why` into a wrong answer (7 points) on otherwise perfect work."""
+    leak = "    why = 'LEAKED'\n"
+    return {
+        # A second clone of the course anywhere on the host: absent from the sandbox's root.
+        "second_clone": (add_after(honest(), "analysis", (
+            "import os, sys\n"
+            f"clone = {str(clone)!r}\n"
+            "for path in [clone + '/autograder/specs/lab1.py', clone + '/labs/source/lab1/lab1.ipynb',\n"
+            "             clone + '/qlab/__init__.py', '/work', '/srv', '/opt', '/home', '/root/.bashrc', '/var/lib']:\n"
+            "    if os.path.exists(path):\n" + leak +
+            "sys.path.insert(0, clone)\n"
+            "try:\n    import importlib; importlib.import_module('autograder.specs.lab1')\n" + leak +
+            "except Exception:\n    pass\n")), 100, "graded"),
+        # The grader's environment: not in os.environ, not in /proc/self/environ even when made readable.
+        "environ": (add_after(honest(), "analysis", (
+            "import ctypes, os\n"
+            "ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: /proc/self/environ becomes readable\n"
+            "seen = open('/proc/self/environ', 'rb').read() + repr(dict(os.environ)).encode()\n"
+            "if b'QLAB_GRADER_TOKEN' in seen or b'token-for-the-test' in seen:\n" + leak)), 100, "graded"),
+        # SysV IPC objects: made in the sandbox's own IPC namespace, gone with it (checked on the host below).
+        "sysv_ipc": (add_after(honest(), "analysis", (
+            "import ctypes\nlibc = ctypes.CDLL(None)\n"
+            f"ids = [libc.shmget({IPC_KEY}, 4096, 0o1666), libc.msgget({IPC_KEY}, 0o1666), libc.semget({IPC_KEY}, 1, 0o1666)]\n"
+            "if min(ids) < 0:\n" + leak)), 100, "graded"),
+        # Memory and CPU across processes: one cgroup holds them all.
+        "memory_across_processes": (add_after(honest(), "analysis", (
+            "import os, time\n"
+            "children = []\n"
+            "for _ in range(3):\n"
+            "    pid = os.fork()\n"
+            "    if pid == 0:\n"
+            "        hog = b'x' * (300 * 2**20)\n"
+            "        time.sleep(1.5)\n"
+            "        os._exit(0)\n"
+            "    children.append(pid)\n"
+            "held = sum(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0 for pid in children)\n"
+            "if held == 3:  # 900 MB held at once under a 768 MB limit\n" + leak)), 100, "graded"),
+        "cpu_across_processes": (add_after(honest(), "analysis", (
+            "import os, time\n"
+            "start, before = time.monotonic(), os.times()\n"
+            "children = []\n"
+            "for _ in range(6):\n"
+            "    pid = os.fork()\n"
+            "    if pid == 0:\n"
+            "        end = time.monotonic() + 1.5\n"
+            "        while time.monotonic() < end:\n"
+            "            pass\n"
+            "        os._exit(0)\n"
+            "    children.append(pid)\n"
+            "for pid in children:\n    os.waitpid(pid, 0)\n"
+            "after = os.times()\n"
+            "used = after.children_user + after.children_system - before.children_user - before.children_system\n"
+            "if used > 1.25 * (time.monotonic() - start):  # more than one core\n" + leak)), 100, "graded"),
+        # Status only when true: a forged completion record, then an exit, is a crash.
+        "forged_done": (add_after(honest(), "test_sqnr", (
+            "import os\n"
+            "for fd in range(3, 32):\n"
+            "    try:\n        os.write(fd, b'{\"done\": true}\\n')\n    except OSError:\n        pass\n"
+            "os._exit(0)\n")), 50, "crashed"),
+        # Notes are data: 600,000 forged "cell raised" records and 60 failing cells of the student's own.
+        "notes_flood": (add_after(honest(), LAST, (
+            "import json, os\n"
+            "line = b''.join(json.dumps({'cell': f'{i} for input', 'error': 'E'}).encode() + b'\\n'\n"
+            "                for i in range(1000))\n"
+            "for fd in range(3, 32):\n"
+            "    try:\n"
+            "        for _ in range(600):\n            os.write(fd, line)\n"
+            "    except OSError:\n        pass\n")), 100, "crashed"),
+        "many_failing_cells": (_own_failing_cells(honest(), 60), 100, "graded"),
+        # A correct but slow function loses its test's points (one limit for all its probes), nothing else.
+        "slow_sqnr": (edited(honest(), "sqnr", "def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:", (
+            "import time\n"
+            "def sqnr_db(x, x_hat):\n"
+            "    if x.shape != (64, 256):\n"
+            "        time.sleep(1.0)\n"
+            "    return _sqnr_db(x, x_hat)\n"
+            "def _sqnr_db(x, x_hat):")), 90, "graded"),
+    }
+
+
+def _own_failing_cells(nb, count: int):
+    for index in range(count):
+        add_after(nb, LAST, f"raise ValueError('own cell {index}')")
+    return nb
+
+
+@pytest.fixture(scope="module")
+def sandbox_batch(course):
+    """Grade the sandbox attacks in one batch, with a secret in the grader's environment from the start of
+    the fork server, and a second clone of the course on the host."""
+    from multiprocessing import forkserver
+
+    submissions = course / "sandbox_attacks"
+    submissions.mkdir()
+    CLONE.mkdir(parents=True)
+    try:
+        shutil.copytree(ROOT / "autograder", CLONE / "autograder", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / "labs" / "source", CLONE / "labs" / "source")
+        shutil.copytree(ROOT / "qlab", CLONE / "qlab", ignore=shutil.ignore_patterns("__pycache__", "checkpoints"))
+        cases = _sandbox_attacks(CLONE)
+        for student, (nb, _, _) in cases.items():
+            nbformat.write(nb, submissions / f"{student}.ipynb")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("QLAB_GRADER_TOKEN", "token-for-the-test")
+            forkserver._forkserver._stop()  # the next sandbox starts a fork server under this environment
+            limits = sandbox.Limits(timeout=60, cell_timeout=4, memory_mb=768)
+            results = grade(LAB, submissions, course, workers=2, limits=limits, progress=False)
+    finally:
+        shutil.rmtree(CLONE, ignore_errors=True)
+    return cases, {result.student: result for result in results}
+
+
+@isolated
+def test_sandbox_attacks_get_what_the_work_deserves(sandbox_batch):
+    cases, results = sandbox_batch
+    if "cgroup" not in sandbox.isolation_level():  # the documented fallback: per-process limits only
+        cases = {k: v for k, v in cases.items() if k not in ("memory_across_processes", "cpu_across_processes")}
+    got = {student: (results[student].score, results[student].status) for student in cases}
+    assert got == {student: (score, status) for student, (_, score, status) in cases.items()}
+
+
+@isolated
+def test_sysv_ipc_does_not_outlive_the_sandbox(sandbox_batch):
+    for kind in ("shm", "msg", "sem"):
+        with open(f"/proc/sysvipc/{kind}") as table:
+            keys = [int(line.split()[0]) for line in list(table)[1:]]
+        assert IPC_KEY not in keys, kind
+
+
+@isolated
+def test_forged_records_and_notes_floods_stay_small(sandbox_batch, course):
+    _, results = sandbox_batch
+    assert "grader's channel" in results["notes_flood"].reason
+    assert "grader's channel" in results["forged_done"].reason  # its "done" came before the steps it skipped
+    for student in ("notes_flood", "many_failing_cells"):
+        notes = results[student].notes
+        assert len(notes) <= 21 and all(len(note) <= 300 for note in notes), (student, len(notes))
+    assert "... and 40 more notes like these" in results["many_failing_cells"].notes
+    assert not any("for input" in note for note in results["notes_flood"].notes)  # nothing forged is repeated
+    slow = next(part for part in results["slow_sqnr"].parts if part.grade_id == "test_sqnr")
+    assert slow.points == 0 and "time limit of its test" in slow.message
+    rows = {row["student_id"]: row for row in read_csv(course / "grades_lab1.csv")}
+    assert all(len(row["reason"]) < 10_000 for row in rows.values())
+
+
+@isolated
+def test_disabled_function_explains_itself(batch):
+    _, results, _ = batch
+    messages = " ".join(part.message for part in results["delegate_to_qlab"].parts)
+    assert "is disabled while grading lab1: write it yourself" in messages
+    assert "raised RuntimeError" not in messages
+
+
+def _zip_with_damaged_entries(path: Path) -> None:
+    """A zip with a good entry, one whose data is corrupt (bad CRC) and one marked encrypted."""
+    good = nbformat.writes(honest()).encode()
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("good/lab1.ipynb", good)
+        archive.writestr("crc/lab1.ipynb", good)
+        archive.writestr("locked/lab1.ipynb", good)
+    data = bytearray(path.read_bytes())
+    second = data.index(b"crc/lab1.ipynb") + len("crc/lab1.ipynb") + 100
+    data[second] ^= 0xFF  # a byte of the stored notebook: its CRC no longer matches
+    for header in (b"PK\x03\x04", b"PK\x01\x02"):  # set the "encrypted" flag of the third entry's headers
+        start = 0
+        while (start := data.find(header, start)) != -1:
+            name_at = start + (30 if header == b"PK\x03\x04" else 46)
+            if data[name_at:name_at + 17] == b"locked/lab1.ipynb":
+                flag_at = start + (6 if header == b"PK\x03\x04" else 8)
+                data[flag_at] |= 1
+            start += 4
+    path.write_bytes(bytes(data))
+
+
+def _hostile_files(folder: Path, course: Path) -> dict[str, tuple[str, float]]:
+    """Write submissions that used to crash or fool collection; return {student id: (status, score)}."""
+    expected = {}
+
+    def write(name: str, data: bytes, status: str, score: float = 0, student: str | None = None):
+        (folder / f"{name}.ipynb").write_bytes(data)
+        expected[student or collect.student_id(name)] = (status, score)
+
+    write("deep_json", b"[" * 200_000 + b"]" * 200_000, "corrupt")
+    write("huge_int", b'{"cells": [], "n": ' + b"9" * 20_000 + b"}", "corrupt")
+    write("bad_v3", b'{"nbformat": 3, "nbformat_minor": 0, "worksheets": "not a list", "metadata": {}}', "corrupt")
+    write("v3_honest", nbformat.writes(nbformat.convert(honest(), 3)).encode(), "graded", 100)
+    write("Zoë Brontë", nbformat.writes(honest()).encode(), "graded", 100, "Zoe_Bronte")
+    write("\u202e\u200blong" + "\u00e9" * 110, nbformat.writes(blank(honest())).encode(), "graded", 0)
+    write("erin_smith", nbformat.writes(honest()).encode(), "graded", 100)
+    write("erin smith", nbformat.writes(blank(honest())).encode(), "graded", 0,
+          f"erin_smith-{collect._digest('erin smith')}")
+    (folder / "sym_file.ipynb").symlink_to(course / "source" / LAB / f"{LAB}.ipynb")  # the instructor's source
+    expected["sym_file"] = ("refused", 0)
+    (folder / "sym_folder").symlink_to(course / "source")  # a whole folder of someone else's
+    expected["sym_folder"] = ("refused", 0)
+    (folder / "inner" / LAB).mkdir(parents=True)
+    (folder / "inner" / LAB / f"{LAB}.ipynb").symlink_to(course / "source" / LAB / f"{LAB}.ipynb")
+    expected["inner"] = ("refused", 0)
+    return expected
+
+
+@isolated
+def test_hostile_files_never_stop_the_batch(course, tmp_path):
+    """Deep JSON, huge integers, broken nbformat-3 files, odd and over-long unicode names, id collisions and
+    symbolic links each get a status and a reason; everyone else is graded, and the records can be read back."""
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    expected = _hostile_files(folder, course)
+    results = {r.student: r for r in grade(LAB, folder, course, workers=2, limits=LIMITS, progress=False)}
+    assert {student: (r.status, r.score) for student, r in results.items()} == expected
+    assert all(r.reason for r in results.values() if r.status != "graded")
+    assert "symbolic link" in results["sym_file"].reason
+    assert any("erin_smith" in note for note in results["erin_smith"].notes)
+    assert all(len(student) <= collect.MAX_ID and student.isascii() for student in results)
+    rows = {row["student_id"] for row in read_csv(course / "grades_lab1.csv")}
+    assert set(results) <= rows
+    zipped = tmp_path / "lms.zip"
+    _zip_with_damaged_entries(zipped)
+    found = {s.student: s for s in collect.collect(zipped, LAB)}
+    assert found["good"].problem is None
+    assert found["crc"].problem[0] == "corrupt" and "BadZipFile" in found["crc"].problem[1]
+    assert found["locked"].problem[0] == "corrupt" and "encrypted" in found["locked"].problem[1]
