@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from autograder import plain
+from qlab.labs import disabled_message
 from autograder.spec import Fail, Outcome, Part, label_of
 
 ENDINGS = {  # how the sandbox ended -> (status, reason template)
@@ -82,7 +83,7 @@ def exception_name(name: str, disabled: dict[str, str] | None = None) -> str:
 
 def disabled_messages(lab: str, disabled) -> dict[str, str]:
     """What a student reads when their code called one of the lab's disabled qlab functions."""
-    return {name: f"ql.{name} is disabled while grading {lab}: write it yourself" for name in disabled}
+    return {name: disabled_message(name, lab) for name in disabled}
 
 
 @dataclass

@@ -639,29 +639,10 @@ def _address_space() -> int:
     return int(line.split()[1]) * 1024
 
 
-def disabled_message(name: str, lab: str) -> str:
-    return f"ql.{name} is disabled while grading {lab}: write it yourself"
-
-
-def _disabled_stub(*args, **kwargs):
-    raise RuntimeError("MESSAGE")  # only builtins: the code runs with the globals of qlab's module
-
-
 def _disable(name: str, lab: str) -> None:
-    """Make qlab.<name> raise a RuntimeError that says why, wherever it is referenced from.
-
-    The function object's code is replaced, so aliases (`from qlab import quantize`) and qlab's own
-    internal calls are switched off too.
-    """
-    function = qlab
-    for part in name.split("."):
-        function = getattr(function, part)
-    while hasattr(function, "__wrapped__"):  # a functools.wraps wrapper (torch.no_grad()) calls the
-        function = function.__wrapped__     # original, whose code is the one to replace
-    message = disabled_message(name, lab)
-    code = _disabled_stub.__code__
-    consts = tuple(message if const == "MESSAGE" else const for const in code.co_consts)
-    function.__code__ = code.replace(co_consts=consts, co_name=function.__name__, co_qualname=function.__qualname__)
+    """Make qlab.<name> raise a RuntimeError that says why, wherever it is referenced from, for good: the
+    switch of `qlab.labs` (the one lab notebooks use), keeping no copy of the original code."""
+    qlab.labs.forbid(lab, (name,), reversible=False)
 
 
 class CellTimeout(BaseException):
@@ -747,7 +728,7 @@ class _Program:
 
     def __init__(self, task: dict, out_fd: int, cell_timeout: float):
         self.steps, self.out_fd, self.cell_timeout = task["steps"], out_fd, cell_timeout
-        self.disabled = {disabled_message(name, task.get("lab", "")): name for name in task.get("disabled", ())}
+        self.disabled = {qlab.labs.disabled_message(name, task.get("lab", "")): name for name in task.get("disabled", ())}
         self.pid = os.getpid()
         self.namespace = {"__name__": "__main__", "__builtins__": builtins, "display": _display}
         self.transformer = TransformerManager()

@@ -24,6 +24,7 @@ from . import (
     gptq,
     kernels,
     kv_cache,
+    labs,
     llm_int8,
     lora,
     metrics,
@@ -123,6 +124,6 @@ __all__ = [
     "fake_quantize_ste", "LSQFakeQuantize", "FakeQuantize", "FakeQuantLinear", "FakeQuantConv2d",
     "qat_schedule_", "convert_", "llm_int8", "LLMInt8Config", "Int8OutlierLinear", "smoothquant", "SmoothQuantConfig",
     "export", "gptq", "GPTQConfig", "RTNConfig", "awq", "AWQConfig", "nf4", "NF4Config", "NF4Linear", "lora",
-    "LoRAConfig", "LoRALinear", "fp8", "FP8Config", "FP8Linear", "gguf", "bitnet", "kv_cache", "deploy",
+    "LoRAConfig", "LoRALinear", "fp8", "FP8Config", "FP8Linear", "gguf", "bitnet", "kv_cache", "labs", "deploy",
     "BitNetConfig",
 ]
