@@ -26,6 +26,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 from autograder import collect, notebook, plain, sandbox
 from autograder.grade import grade, load_lab
@@ -1010,3 +1011,133 @@ def test_hostile_files_never_stop_the_batch(course, tmp_path):
     assert found["good"].problem is None
     assert found["crc"].problem[0] == "corrupt" and "BadZipFile" in found["crc"].problem[1]
     assert found["locked"].problem[0] == "corrupt" and "encrypted" in found["locked"].problem[1]
+
+
+# -- the spec format's refinements and the strict reading of the runner's records (no sandbox) ---------------
+
+
+def _run_program(steps: list[dict], cell_timeout: float = 10, disabled=(), lab: str = "lab1") -> tuple[bytes, dict]:
+    reader, writer = os.pipe()
+    program = sandbox._Program({"steps": steps, "lab": lab, "disabled": list(disabled)}, writer, cell_timeout=cell_timeout)
+    program.run()
+    os.close(writer)
+    with os.fdopen(reader, "rb") as stream:
+        return stream.read(), program.namespace
+
+
+def _probes(part) -> list[dict]:
+    from autograder.grade import probe_calls
+
+    return probe_calls(part)
+
+
+def test_partial_credit_context_probes_and_refs():
+    """Points per check; a judge that gets the student's own earlier value (errors carried forward) through a
+    context probe, with a Ref to a keyed probe's return value that never leaves the sandbox."""
+    from autograder import judge as judging
+    from autograder.spec import Check, Fail, Part, Ref, call, expect, read
+
+    def square_is_right(out):
+        expect(out.value == 9, "square(3) is not 9")
+
+    def answer_consistent(out, own_square):  # the student's answer must be what their own square gives
+        expect(out.value == own_square.value + 1, "answer is not square(3) + 1 by your own square")
+
+    def twice_the_object(out):
+        expect(out.value == 2 * 16, "double(box) is wrong")
+
+    part = Part("p", 10, (
+        Check(call("square", 3), square_is_right, "the square", points=4),
+        Check(read("answer"), answer_consistent, "the answer", points=3, context=(call("square", 3),)),
+        Check(call("make_box", key="box"), lambda out: None, "the box", points=1),
+        Check(call("double", Ref("box")), twice_the_object, "the doubled box", points=2),
+    ))
+    source = ("def square(x):\n    return x * x + 1  # a bug\n"
+              "answer = square(3) + 1\n"
+              "class Box:\n    value = 16\n"
+              "def make_box():\n    return Box()\n"
+              "def double(box):\n    return 2 * box.value\n")
+    stream, _ = _run_program([{"kind": "cell", "grade_id": "c", "source": source},
+                              {"kind": "probe", "grade_id": "p", "calls": _probes(part)}])
+    read_back = judging.read_stream(stream, [("cell", "c"), ("probe", "p")])
+    assert read_back.complete and not read_back.forged
+    result = judging.judge_part(part, read_back.answers["p"])
+    # the square is wrong (-4); the answer is right given the student's own square (+3); the box (+1) and
+    # the doubled box, computed from the student's own object passed back in (+2)
+    assert result.points == 6 and result.max_points == 10
+    assert result.message.startswith("3 of 4 checks passed; the square: square(3) is not 9")
+    with pytest.raises(ValueError, match="add up to 9, not 10"):
+        Part("q", 10, (Check(call("f"), lambda out: None, "a", points=4), Check(call("g"), lambda out: None, "b", points=5)))
+    with pytest.raises(ValueError, match="names no earlier probe"):
+        Part("q", 1, (Check(call("f", Ref("later")), lambda out: None, "a"),))
+
+
+def test_one_time_limit_for_all_probes_of_a_test():
+    """--cell-timeout is per test: three 0.4 s calls under a 1 s limit; the third is cut, the next test is not."""
+    from autograder.spec import Check, Part, call
+
+    slow = Part("slow", 1, tuple(Check(call("nap", 0.4), lambda out: None, f"nap {i}") for i in range(3)))
+    fast = Part("fast", 1, (Check(call("nap", 0.0), lambda out: None, "no nap"),))
+    stream, _ = _run_program([{"kind": "cell", "grade_id": "c", "source": "import time\ndef nap(s):\n    time.sleep(s)\n    return s"},
+                              {"kind": "probe", "grade_id": "slow", "calls": _probes(slow)},
+                              {"kind": "probe", "grade_id": "fast", "calls": _probes(fast)}], cell_timeout=1.0)
+    records = [json.loads(line) for line in stream.splitlines()]
+    assert [r.get("raised") for r in records[1]["results"]] == [None, None, "CellTimeout"]
+    assert records[2]["results"] == [{"float": "0.0"}]
+
+
+def test_the_runner_records_are_read_in_program_order_only():
+    from autograder import judge as judging
+
+    steps = [("cell", "a"), ("probe", "t"), ("cell", "b")]
+    good = b'{"cell": "a", "error": null}\n{"part": "t", "results": []}\n{"cell": "b", "error": "ValueError"}\n{"done": true}\n'
+    read_back = judging.read_stream(good, steps)
+    assert read_back.complete and not read_back.forged and read_back.ran == [("a", None), ("b", "ValueError")]
+    forged_done = b'{"cell": "a", "error": null}\n{"done": true}\n'
+    assert not judging.read_stream(forged_done, steps).complete
+    made_up = b'{"cell": "a", "error": null}\n{"cell": "x raised KeyError for input 3", "error": "KeyError"}\n'
+    read_back = judging.read_stream(made_up, steps)
+    assert read_back.forged and read_back.ran == [("a", None)] and not read_back.answers
+    after_done = good + b'{"part": "t", "results": [{"bool": true}]}\n'
+    assert not judging.read_stream(after_done, steps).complete
+    assert judging.read_stream(b"[" * 100_000 + b"\n", steps).forged  # nested too deeply: no crash
+
+
+def test_hidden_checks_name_their_input_category():
+    from autograder.spec import Check, call, label_of
+
+    check = Check(call("f", torch.tensor([[0.5, 1.5], [2.0, 3.0]]), 4, axis=-1), lambda out: None, "hidden check 3")
+    assert label_of(check) == "hidden check 3 (a 2-D all-positive float tensor; 4; axis=-1)"
+    tie = Check(call("f", torch.tensor([-2.5, 0.5, 1.5])), lambda out: None, "tie at .5")
+    assert label_of(tie) == "tie at .5"  # hand-written labels stay as they are
+    assert "0.5" not in label_of(check) and "3.0" not in label_of(check)
+
+
+def test_disabled_function_message_reaches_notes_and_parts():
+    from autograder import judge as judging
+    from autograder.spec import Check, Part, call, returned
+
+    part = Part("t", 2, (Check(call("mine", torch.ones(2)), lambda out: returned(out, None, "mine"), "worked example"),))
+    source = "import qlab as ql\ndef mine(x):\n    return ql.metrics.sqnr_db(x, x)\nmine(1)"
+    program = textwrap.dedent("""
+        import json, os, sys
+        from autograder import sandbox
+        from autograder.grade import probe_calls
+        sandbox._disable("metrics.sqnr_db", "lab1")
+        steps = json.loads(sys.argv[1])
+        reader, writer = os.pipe()
+        sandbox._Program({"steps": steps, "lab": "lab1", "disabled": ["metrics.sqnr_db"]}, writer, 10).run()
+        os.close(writer)
+        sys.stdout.buffer.write(os.fdopen(reader, "rb").read())
+    """)
+    import numpy as np
+
+    calls = [{**c, "args": [a.tolist() if isinstance(a, np.ndarray) else a for a in c["args"]]} for c in _probes(part)]
+    steps = [{"kind": "cell", "grade_id": "c", "source": source}, {"kind": "probe", "grade_id": "t", "calls": calls}]
+    proc = subprocess.run([sys.executable, "-c", program, json.dumps(steps)], cwd=ROOT, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = {"stream": proc.stdout, "ending": "finished", "detail": "", "seconds": 0.1}
+    result = judging.judge("s", "lab1", [part], run, [], [("cell", "c"), ("probe", "t")], ("metrics.sqnr_db",))
+    message = "ql.metrics.sqnr_db is disabled while grading lab1: write it yourself"
+    assert result.notes == [f"cell c failed: {message}"]
+    assert result.parts[0].message == f"worked example: mine failed: {message}"
