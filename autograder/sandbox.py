@@ -125,6 +125,8 @@ def warm_up() -> None:
     from multiprocessing import forkserver
 
     with _environment_lock:
+        if _fork_server_alive():
+            return  # no need to touch the environment, which other threads of the grader may be reading
         saved = dict(os.environ)
         try:
             os.environ.clear()
@@ -133,6 +135,19 @@ def warm_up() -> None:
         finally:
             os.environ.clear()
             os.environ.update(saved)
+
+
+def _fork_server_alive() -> bool:
+    """Whether multiprocessing's fork server is running (checked without reaping it)."""
+    from multiprocessing import forkserver
+
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if pid is None:
+        return False
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return False
 
 
 def run(task: dict) -> dict:
