@@ -10,16 +10,18 @@ included, because the function's code is replaced, not its name). The autograder
 the same functions in the same way, so a solution that delegates to qlab fails the same visible test on
 the student's laptop as in grading, and the local and graded scores agree.
 
-Visible tests that use qlab as their oracle compute it inside `with ql.labs.reference():`, which switches
-qlab's versions back on for the duration of the block. The sandbox switches them off for good
-(`reversible=False` keeps no copy of the original code), and it never runs the visible tests.
+Test cells that use qlab as their oracle call it through `reference_ql = ql.labs.oracle()`: qlab with the
+switched-off functions on for the duration of each call (`with ql.labs.reference():` does the same for a
+block). The sandbox switches them off for good (`reversible=False` keeps no copy of the original code),
+and it never runs the test cells.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
-from typing import Iterator
+from typing import Any, Iterator
 
 DISABLED: dict[str, tuple[str, ...]] = {
     "lab1": ("choose_qparams", "quantize", "dequantize", "fake_quantize", "quantize_tensor", "pack_int4",
@@ -115,3 +117,34 @@ def allow_all() -> None:
         function.__code__ = code
         _switched_off.pop(function, None)
     _originals.clear()
+
+
+class _Oracle:
+    """A module of qlab seen with its switched-off functions on: each call runs inside `reference()`."""
+
+    def __init__(self, module: types.ModuleType):
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._module, name)
+        if isinstance(value, types.ModuleType):
+            return _Oracle(value)
+        if callable(value) and not isinstance(value, type):
+            @functools.wraps(value)
+            def call(*args, **kwargs):
+                with reference():
+                    return value(*args, **kwargs)
+
+            return call
+        return value
+
+    def __repr__(self) -> str:
+        return f"<{self._module.__name__} as an oracle: switched-off functions on>"
+
+
+def oracle() -> Any:
+    """qlab as test cells use it for expected values: `reference_ql.quantize(...)` runs qlab's own version
+    even while `forbid` has switched it off for the student's code."""
+    import qlab
+
+    return _Oracle(qlab)

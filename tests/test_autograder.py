@@ -94,7 +94,7 @@ def attacks(course: Path, submissions: Path) -> dict[str, tuple[nbformat.Noteboo
         "honest_a": (honest(), 100),
         "honest_b": (honest(), 100),
         "blank": (blank(honest()), 0),
-        "wrong_why": (replace(honest(), "analysis", honest().cells[cell_index(honest(), "analysis")].source.replace('why = "b"', 'why = "a"')), 93),
+        "wrong_why": (replace(honest(), "analysis", honest().cells[cell_index(honest(), "analysis")].source.replace('why = "b"', 'why = "a"')), 97),  # partial credit: `why` is 3 of the cell's 7
         # Patched comparison functions: the judge never uses the sandbox's torch, numpy or math.
         "patched_allclose": (add_after(blank(honest()), "setup", (
             "import math, numpy, torch\n"
@@ -113,7 +113,7 @@ def attacks(course: Path, submissions: Path) -> dict[str, tuple[nbformat.Noteboo
             "import sys\nsys.excepthook = lambda *a: None\nget_ipython().run_line_magic('time', 'x = 1')\n"
             "%time y = 2\n")), 100),
         # Reading hidden tests, sources, the spec, the gradebook or another student's notebook: any success
-        # turns `why` into a wrong answer, so a leak would cost this otherwise perfect notebook 7 points.
+        # turns `why` into a wrong answer, so a leak would cost this otherwise perfect notebook 3 points.
         "read_secrets": (add_after(honest(), "analysis", (
             "import os\n"
             f"for path in {[str(p) for p in secrets]!r} + ['../source/lab1/lab1.ipynb', '/proc/1/cwd/x']:\n"
@@ -789,7 +789,7 @@ CLONE = Path("/var/lib") / f"qlab-second-clone-{os.getpid()}"  # outside every f
 
 def _sandbox_attacks(clone: Path) -> dict[str, tuple[nbformat.NotebookNode, float, str]]:
     """Attacks on the sandbox as a whole: (notebook, the score it deserves, the status it must get). Each
-    one that succeeds turns `why` into a wrong answer (7 points) on otherwise perfect work."""
+    one that succeeds turns `why` into a wrong answer (3 points) on otherwise perfect work."""
     leak = "    why = 'LEAKED'\n"
     return {
         # A second clone of the course anywhere on the host: absent from the sandbox's root.
@@ -1141,3 +1141,29 @@ def test_disabled_function_message_reaches_notes_and_parts():
     message = "ql.metrics.sqnr_db is disabled while grading lab1: write it yourself"
     assert result.notes == [f"cell c failed: {message}"]
     assert result.parts[0].message == f"worked example: mine failed: {message}"
+
+
+def test_local_and_graded_scores_agree_for_a_delegating_solution(course, tmp_path):
+    """A solution that calls qlab's versions fails the same test cells when the student runs the notebook
+    (the setup cell switches them off there too, ql.labs.forbid) as in grading."""
+    from nbclient import NotebookClient
+
+    nb = replace(honest(), "quantize_symmetric", (
+        "import qlab as ql\n"
+        "def quantize_symmetric(x, bits):\n"
+        "    scale, zero_point = ql.choose_qparams(x, ql.qtype(bits), ql.PerTensor(), symmetric=True)\n"
+        "    return ql.quantize(x, scale, zero_point, ql.qtype(bits)).to(torch.int8), scale\n"
+        "def dequantize_symmetric(q, scale):\n"
+        "    return q.float() * scale\n"))
+    replace(nb, "sqnr", "from qlab.metrics import sqnr_db\n")
+    local = copy.deepcopy(nb)
+    NotebookClient(local, timeout=120, allow_errors=True, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    failed_locally = {meta(cell)["grade_id"] for cell in local.cells if meta(cell).get("grade")
+                      and any(output.get("output_type") == "error" for output in cell.get("outputs", []))}
+    submissions = tmp_path / "flat"
+    submissions.mkdir()
+    nbformat.write(nb, submissions / "delegating.ipynb")
+    result, = grade(LAB, submissions, course, workers=1, limits=LIMITS, progress=False)
+    failed_graded = {part.grade_id for part in result.parts if part.points < part.max_points}
+    assert {"test_symmetric_by_hand", "test_sqnr"} <= failed_locally
+    assert failed_locally == failed_graded

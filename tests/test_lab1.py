@@ -46,11 +46,16 @@ def test_points_add_up_to_the_stated_total(source_nb):
     check_points(source_nb, TOTAL_POINTS)
 
 
-def test_only_test_cells_import_qlab(source_nb):
-    # Grading switches qlab's reference functions off for student code, so no student-facing cell may need qlab.
+def test_only_test_cells_use_qlab(source_nb):
+    # Grading switches qlab's reference functions off for student code, so no student-facing cell may need qlab;
+    # the setup cell only switches them off here too (ql.labs), and the test cells use reference_ql.
+    switch = ("import qlab as ql", 'ql.labs.forbid("lab1")', "reference_ql = ql.labs.oracle()")
     for cell, meta in nbgrader_cells(source_nb):
         if cell.cell_type == "code" and not meta["grade"]:
-            assert "qlab" not in cell.source, f"{meta['grade_id']} uses qlab"
+            code = [line for line in cell.source.splitlines() if line.strip() not in switch and not line.lstrip().startswith("#")]
+            assert not any("qlab" in line or "ql." in line for line in code), f"{meta['grade_id']} uses qlab"
+    setup = next(cell for cell, meta in nbgrader_cells(source_nb) if meta["grade_id"] == "setup")
+    assert all(line in setup.source for line in switch)
 
 
 # -- release and grading, in a copy of labs/ ---------------------------------------------------------------

@@ -36,6 +36,11 @@ def test_forbid_raises_with_the_sandbox_message_and_reference_brings_them_back(s
     with pytest.raises(RuntimeError, match="disabled"):
         ql.metrics.sqnr_db(x, x)
     assert ql.labs.forbid("lab1") == switched_off  # twice is harmless
+    reference_ql = ql.labs.oracle()
+    assert float(reference_ql.metrics.sqnr_db(torch.ones(3), torch.ones(3) * 1.1)) == pytest.approx(20.0, abs=1e-4)
+    assert reference_ql.PerTensor is ql.PerTensor  # classes and values pass through
+    with pytest.raises(RuntimeError, match="disabled"):  # the oracle's call did not switch anything on for good
+        ql.metrics.sqnr_db(x, x)
 
 
 def test_unknown_names_and_labs_are_refused():

@@ -12,7 +12,7 @@ import math
 import torch
 
 import qlab as ql
-from autograder.spec import Check, Fail, Part, call, close, expect, labels, number, read, returned, tensor
+from autograder.spec import Check, Fail, Outcome, Part, call, close, expect, labels, number, read, returned, tensor
 
 DISABLED = ("choose_qparams", "quantize", "dequantize", "fake_quantize", "quantize_tensor", "pack_int4",
             "unpack_int4", "metrics.sqnr_db")
@@ -191,11 +191,12 @@ def per_channel() -> Part:
     for bits in (2, 3, 8):
         for axis in (0, 1, 2, -1):
             expected = reference_scale(w, bits, ql.PerChannel(axis))
-            checks.append(scale_check("per_channel_qparams", w, (bits,), {"axis": axis}, expected, hidden()))
+            label = f"{hidden()} (a 3-D tensor, {'negative axis' if axis < 0 else f'axis {axis}'})"
+            checks.append(scale_check("per_channel_qparams", w, (bits,), {"axis": axis}, expected, label))
     w = torch.randn(3, 8, generator=generator)
     w[1] = 0.0
     expected = torch.where(w.abs().amax(dim=1) > 0, w.abs().amax(dim=1) / 127, torch.ones(3))
-    checks.append(scale_check("per_channel_qparams", w, (8,), {"axis": 0}, expected, hidden(), **loose))
+    checks.append(scale_check("per_channel_qparams", w, (8,), {"axis": 0}, expected, f"{hidden()} (an all-zero channel)", **loose))
     return Part("test_per_channel", 10, tuple(checks))
 
 
@@ -296,37 +297,92 @@ GRANULARITIES = {"per_tensor": ql.PerTensor(), "per_channel_axis0": ql.PerChanne
                  "per_channel_axis1": ql.PerChannel(1), "per_group": ql.PerGroup(32)}
 
 
+def broadcast_scale(name: str, scale: torch.Tensor) -> torch.Tensor:
+    """A granularity's scale as the notebook's table says to broadcast it against W (64, 256)."""
+    if name == "per_channel_axis0":
+        return scale[:, None]
+    if name == "per_channel_axis1":
+        return scale[None, :]
+    return scale.repeat_interleave(32, dim=-1)  # per_group: (64, 8) -> (64, 256)
+
+
+SCALE_SHAPES = {"per_tensor": (), "per_channel_axis0": (64,), "per_channel_axis1": (256,), "per_group": (64, 8)}
+
+
+def own_scale_probe(name: str, W: torch.Tensor):
+    """The probe that gives the student's own scale for one granularity of the analysis."""
+    if name == "per_tensor":
+        return call("quantize_symmetric", W, 4)
+    if name == "per_group":
+        return call("per_group_qparams", W, 4, 32)
+    return call("per_channel_qparams", W, 4, axis=0 if name.endswith("0") else 1)
+
+
+def own_sqnr(name: str, W: torch.Tensor, out: Outcome) -> float | None:
+    """The SQNR of W quantized with the student's own scale (from their function), computed here with qlab's
+    metric: what a correct analysis on top of their earlier functions reports. None if there is no usable scale."""
+    try:
+        value = returned(out)
+        if name == "per_tensor":
+            q, scale = returned(out, 2)
+            q = tensor(q, torch.int8, W.shape)
+            return ql.metrics.sqnr_db(W, q.float() * float(number(scale)))
+        scale = tensor(value, torch.float32, SCALE_SHAPES[name])
+        qmax = 7
+        return ql.metrics.sqnr_db(W, torch.clamp(torch.round(W / broadcast_scale(name, scale)), -qmax, qmax) * broadcast_scale(name, scale))
+    except Fail:
+        return None
+
+
+def usable(out: Outcome) -> float | None:
+    return out.value if not (out.missing or out.raised) and type(out.value) is float else None
+
+
 def analysis_sqnr() -> Part:
+    """2 points per value. Right if within 0.05 dB of the reference, or (errors carried forward) of the SQNR that the
+    student's own scale gives (their quantize_symmetric, per_channel_qparams or per_group_qparams), or of what their
+    own sqnr_db says about the reference quantization: a bug in an earlier function is charged only there."""
     W = analysis_weight()
     checks = []
     for name, granularity in GRANULARITIES.items():
-        expected = ql.metrics.sqnr_db(W, ql.fake_quantize(W, ql.int4, granularity))
+        W_hat = ql.fake_quantize(W, ql.int4, granularity)
+        expected = ql.metrics.sqnr_db(W, W_hat)
 
-        def judge(out, variable=f"sqnr_{name}", expected=expected):
+        def judge(out, scale_out, sqnr_out, variable=f"sqnr_{name}", expected=expected, name=name):
             value = returned(out, None, variable)
             expect(type(value) is float and math.isfinite(value), f"{variable} must be a finite float (dB)")
-            expect(close(value, expected, atol=0.05), f"{variable} differs from the expected SQNR")
+            accepted = [expected, own_sqnr(name, W, scale_out), usable(sqnr_out)]
+            expect(any(a is not None and close(value, a, atol=0.05) for a in accepted),
+                   f"{variable} differs from the SQNR of W quantized {name.replace('_', ' ')} at 4 bits")
 
-        checks.append(Check(read(f"sqnr_{name}"), judge, f"sqnr_{name}"))
+        checks.append(Check(read(f"sqnr_{name}"), judge, f"sqnr_{name}", points=2,
+                            context=(own_scale_probe(name, W), call("sqnr_db", W, W_hat))))
     return Part("test_analysis_sqnr", 8, tuple(checks))
 
 
 def analysis_answer() -> Part:
+    """best_granularity (4 points): the highest SQNR by the reference, or by the student's own four values;
+    why (3 points): the explanation."""
     W = analysis_weight()
     reference = {name: ql.metrics.sqnr_db(W, ql.fake_quantize(W, ql.int4, g)) for name, g in GRANULARITIES.items()}
 
-    def best(out):
+    def best(out, *own_outs):
         value = returned(out, None, "best_granularity")
         expect(isinstance(value, str) and value in GRANULARITIES, f"best_granularity must be one of {tuple(GRANULARITIES)}")
-        expect(value == max(reference, key=reference.get), "best_granularity is not the granularity with the highest SQNR")
+        if value == max(reference, key=reference.get):
+            return
+        own = dict(zip(GRANULARITIES, (usable(o) for o in own_outs)))
+        consistent = all(v is not None and not math.isnan(v) for v in own.values()) and own[value] == max(own.values())
+        expect(consistent, "best_granularity is not the granularity with the highest SQNR (by the reference, or by your own values)")
 
     def why(out):
         value = returned(out, None, "why")
         expect(isinstance(value, str) and value in ("a", "b", "c", "d"), 'why must be one of "a", "b", "c", "d"')
         expect(value == "b", "why is not the best explanation")
 
-    return Part("test_analysis_answer", 7, (Check(read("best_granularity"), best, "best_granularity"),
-                                            Check(read("why"), why, "why")))
+    own = tuple(read(f"sqnr_{name}") for name in GRANULARITIES)
+    return Part("test_analysis_answer", 7, (Check(read("best_granularity"), best, "best_granularity", points=4, context=own),
+                                            Check(read("why"), why, "why", points=3)))
 
 
 def parts() -> list[Part]:

@@ -1,4 +1,4 @@
-"""Grading spec of lab 3 (QAT: STE, LSQ, 4-bit QAT of the digits CNN): the checks of each test cell of
+"""Grading spec of lab 3 (QAT: STE, LSQ, 3-bit QAT of the digits CNN): the checks of each test cell of
 labs/source/lab3/lab3.ipynb.
 
 Each part makes the checks of the test cell with its grade_id, visible and hidden, on the same seeds and with
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import qlab as ql
-from autograder.spec import Check, Part, call, close, expect, labels, letter, read, returned, tensor
+from autograder.spec import Check, Outcome, Part, Ref, call, close, expect, labels, letter, read, returned, tensor
 from qlab.bn_folding import fold_batchnorm_
 from qlab.qat import LSQFakeQuantize
 
@@ -27,7 +27,8 @@ from qlab.qat import LSQFakeQuantize
 DISABLED = ("qat.fake_quantize_ste", "qat.FakeQuantizeSTE.forward", "qat.FakeQuantizeSTE.backward",
             "qat.LSQFakeQuantize.forward", "qat.LSQFakeQuantize.backward", "qat.lsq_grad_scale", "qat.lsq_init_scale")
 LAYERS = ("conv1", "conv2", "conv3", "fc")
-BITS = 4  # the graded QAT model's weights and activations
+BITS = 3  # the graded QAT model's weights and activations: at 4 bits the untrained model is already at FP32 accuracy
+QAT_ACCURACY = 0.95  # 3-bit PTQ gets about 62 %, the untrained 3-bit QAT model about 83 %, trained QAT 99.4 % to 99.7 %
 
 
 @cache
@@ -47,12 +48,14 @@ def away_from_ties(x: torch.Tensor, scale: float) -> torch.Tensor:
 # -- Part 1: STE -------------------------------------------------------------------------------------------
 
 
-def ste_check(x, scale, zero_point, qmin, qmax, grad_output, label: str, what: str) -> Check:
-    """what: "forward" compares the output with torch's fake quantization, "backward" the gradient for x."""
+def ste_check(x, scale, zero_point, qmin, qmax, grad_output, label: str, what: str, exact: bool = False) -> Check:
+    """what: "forward" compares the output with torch's fake quantization, "backward" the gradient for x; away from
+    rounding ties, unless `exact` (inputs whose ties are exact in float, where the notebook's rule of half to even
+    decides)."""
     x_ref = x.clone().requires_grad_(True)
     expected = torch.fake_quantize_per_tensor_affine(x_ref, scale, zero_point, qmin, qmax)
     expected.backward(grad_output)
-    keep = away_from_ties(x, scale)
+    keep = torch.ones_like(x, dtype=torch.bool) if exact else away_from_ties(x, scale)
 
     def judge(out):
         y, grad = returned(out, 2, "ste_forward_backward")
@@ -78,7 +81,8 @@ def ste_forward() -> Part:
                                                   ((7, 9), 0.5, 0, 0, 15), ((3, 3), 0.125, 1, -1, 1)]:
         x = torch.randn(*shape, generator=generator) * 2
         checks.append(ste_check(x, scale, zero_point, qmin, qmax, torch.ones_like(x), hidden(), "forward"))
-    checks.append(ste_check(torch.tensor([0.5, 1.5, 2.5, -0.5]), 1.0, 0, -8, 7, torch.ones(4), hidden(), "forward"))
+    checks.append(ste_check(torch.tensor([0.5, 1.5, 2.5, -0.5]), 1.0, 0, -8, 7, torch.ones(4), "hidden check 5 (ties at .5: half to even)",
+                            "forward", exact=True))
     return Part("test_ste_forward", 10, tuple(checks))
 
 
@@ -93,7 +97,8 @@ def ste_backward() -> Part:
     for shape, scale, zero_point, qmin, qmax in [((4, 5, 6), 0.3, 0, -4, 3), ((2000,), 0.01, 128, 0, 255), ((7, 9), 0.5, 0, 0, 15)]:
         x = torch.randn(*shape, generator=generator) * 3
         checks.append(ste_check(x, scale, zero_point, qmin, qmax, torch.randn(*shape, generator=generator), hidden(), "backward"))
-    checks.append(ste_check(torch.tensor([-0.6, 0.6]), 0.5, 0, -1, 1, torch.ones(2), hidden(), "backward"))
+    checks.append(ste_check(torch.tensor([-0.6, 0.6]), 0.5, 0, -1, 1, torch.ones(2), f"{hidden()} (values that round onto qmin and qmax)",
+                            "backward"))
     return Part("test_ste_backward", 15, tuple(checks))
 
 
@@ -212,7 +217,7 @@ def qat_accuracy() -> Part:
 
     def judge(out):
         logits = tensor(returned(out, None, "qat_logits"), torch.float32, (len(x_test), 10), "the logits")
-        expect(accuracy_of(logits, y_test) >= 0.985, f"the {BITS}-bit model must reach at least 98.5% test accuracy")
+        expect(accuracy_of(logits, y_test) >= QAT_ACCURACY, f"the {BITS}-bit model must reach at least {QAT_ACCURACY:.0%} test accuracy")
 
     return Part("test_qat_accuracy", 25, (Check(call("qat_state"), judge_state, "the trained step sizes"),
                                           Check(call("qat_logits", x_test), judge, f"{BITS}-bit test accuracy")))
@@ -232,7 +237,7 @@ def rebuild(state: tuple) -> nn.Module:
     return model.eval()
 
 
-def qat_is_4bit() -> Part:
+def qat_is_quantized() -> Part:
     _, x_test, y_test, _ = setup()
     initial_steps, shapes = initial_weight_steps(), state_shapes()
     seen = {}
@@ -245,7 +250,7 @@ def qat_is_4bit() -> Part:
         expect(trained(state, initial_steps), "the step sizes were not trained: pass all of model.parameters() to the optimizer")
         with torch.no_grad():
             seen["rebuilt"] = rebuild(state)(x_test)
-        expect(accuracy_of(seen["rebuilt"], y_test) >= 0.98, f"the model rebuilt at {BITS} bits does not reach 98%")
+        expect(accuracy_of(seen["rebuilt"], y_test) >= QAT_ACCURACY, f"the model rebuilt at {BITS} bits does not reach {QAT_ACCURACY:.0%}")
 
     def judge_logits(out):
         logits = tensor(returned(out, None, "qat_logits"), torch.float32, (len(x_test), 10), "the logits")
@@ -253,7 +258,7 @@ def qat_is_4bit() -> Part:
         agree = float((logits.argmax(-1) == seen["rebuilt"].argmax(-1)).double().mean())
         expect(agree >= 0.99, f"the predictions differ from the model rebuilt at {BITS} bits")
 
-    return Part("test_qat_is_4bit", 10, (Check(call("qat_state"), judge_state, "the trained weights and step sizes"),
+    return Part(f"test_qat_is_{BITS}bit", 10, (Check(call("qat_state"), judge_state, "the trained weights and step sizes"),
                                          Check(call("qat_logits", x_test), judge_logits, f"the {BITS}-bit predictions")))
 
 
@@ -280,45 +285,57 @@ def reference_ptq(bits: int) -> float:
     return ql.eval.accuracy(model, x_test, y_test)
 
 
+def own_value(out: Outcome) -> float | None:
+    """A context probe's number, or None if the student's own pipeline gave nothing usable."""
+    return out.value if not (out.missing or out.raised) and type(out.value) is float else None
+
+
+def accuracy_value(out: Outcome, variable: str) -> float:
+    value = returned(out, None, variable)
+    expect(type(value) is float and 0.0 <= value <= 1.0, f"{variable} must be an accuracy in [0, 1] (a Python float)")
+    return value
+
+
 def analysis_accuracy() -> Part:
+    """2 points per value. The PTQ values are right if they match the reference, or (errors carried forward) the
+    accuracy of static_fake_quant built on the student's own fake_quant_ste; qat_acc_3bit must be the accuracy of
+    qat_model (computed here from its logits), and qat_acc_4bit at least 98.5 %."""
     _, x_test, y_test, _ = setup()
     checks = []
     for bits in (4, 3):
         expected = reference_ptq(bits)
 
-        def judge(out, variable=f"ptq_acc_{bits}bit", expected=expected):
-            value = returned(out, None, variable)
-            expect(type(value) is float and 0.0 <= value <= 1.0, f"{variable} must be an accuracy in [0, 1] (a Python float)")
-            expect(abs(value - expected) <= 0.006, f"{variable} differs from the expected accuracy")
+        def judge(out, *context, variable=f"ptq_acc_{bits}bit", expected=expected):
+            value = accuracy_value(out, variable)
+            own = own_value(context[-1])
+            expect(abs(value - expected) <= 0.006 or (own is not None and abs(value - own) <= 0.006),
+                   f"{variable} differs from the accuracy of static_fake_quant(folded_model, {bits})")
 
-        checks.append(Check(read(f"ptq_acc_{bits}bit"), judge, f"ptq_acc_{bits}bit"))
-    seen = {}
+        context = (read("folded_model", key="folded"),) if bits == 4 else ()
+        context += (call("static_fake_quant", Ref("folded"), bits, key=f"ptq_{bits}"), call("test_accuracy", Ref(f"ptq_{bits}")))
+        checks.append(Check(read(f"ptq_acc_{bits}bit"), judge, f"ptq_acc_{bits}bit", points=2, context=context))
 
-    def qat_value(out):
-        seen.clear()
-        value = returned(out, None, "qat_acc_4bit")
-        expect(type(value) is float and 0.0 <= value <= 1.0, "qat_acc_4bit must be an accuracy in [0, 1] (a Python float)")
-        seen["qat"] = value
+    def qat_value(out, logits_out):
+        value = accuracy_value(out, f"qat_acc_{BITS}bit")
+        logits = tensor(returned(logits_out, None, "qat_logits"), torch.float32, (len(x_test), 10), "the logits")
+        expect(close(value, accuracy_of(logits, y_test), atol=1e-6), f"qat_acc_{BITS}bit is not the accuracy of qat_model")
 
-    def qat_logits(out):
-        logits = tensor(returned(out, None, "qat_logits"), torch.float32, (len(x_test), 10), "the logits")
-        expect("qat" in seen and close(seen["qat"], accuracy_of(logits, y_test), atol=1e-6), "qat_acc_4bit: the accuracy of qat_model")
+    def qat_4bit(out):
+        value = accuracy_value(out, "qat_acc_4bit")
+        expect(value >= 0.985, "qat_acc_4bit: 4-bit QAT must reach at least 98.5%")
 
-    def qat_3bit(out):
-        value = returned(out, None, "qat_acc_3bit")
-        expect(type(value) is float and 0.0 <= value <= 1.0, "qat_acc_3bit must be an accuracy in [0, 1] (a Python float)")
-        expect(value >= 0.95, "qat_acc_3bit: 3-bit QAT must reach at least 95%")
-
-    checks += [Check(read("qat_acc_4bit"), qat_value, "qat_acc_4bit"), Check(call("qat_logits", x_test), qat_logits, "qat_acc_4bit"),
-               Check(read("qat_acc_3bit"), qat_3bit, "qat_acc_3bit")]
+    checks += [Check(read(f"qat_acc_{BITS}bit"), qat_value, f"qat_acc_{BITS}bit", points=2, context=(call("qat_logits", x_test),)),
+               Check(read("qat_acc_4bit"), qat_4bit, "qat_acc_4bit", points=2)]
     return Part("test_analysis_accuracy", 8, tuple(checks))
 
 
 def analysis_answer() -> Part:
-    return Part("test_analysis_answer", 7, (letter("why_qat", "c"), letter("why_grad_scale", "a")))
+    why_qat, why_grad_scale = letter("why_qat", "c"), letter("why_grad_scale", "a")
+    return Part("test_analysis_answer", 7, (Check(why_qat.probe, why_qat.judge, why_qat.label, points=4),
+                                            Check(why_grad_scale.probe, why_grad_scale.judge, why_grad_scale.label, points=3)))
 
 
 def parts() -> list[Part]:
     """The graded parts of lab 3, in notebook order."""
-    return [ste_forward(), ste_backward(), lsq_forward(), lsq_backward(), qat_accuracy(), qat_is_4bit(),
+    return [ste_forward(), ste_backward(), lsq_forward(), lsq_backward(), qat_accuracy(), qat_is_quantized(),
             analysis_accuracy(), analysis_answer()]
