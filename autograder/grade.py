@@ -53,12 +53,19 @@ def probe_calls(part: spec.Part) -> list[dict]:
             for check in part.checks for probe in check.probes()]
 
 
+def forbidden_elsewhere(lab: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What the lab's spec forbids outside qlab: (functions of other packages, packages whose import fails)."""
+    module = spec.load(lab)
+    return tuple(getattr(module, "FOREIGN", ())), tuple(getattr(module, "IMPORTS", ()))
+
+
 def make_task(lab: str, submission: collect.Submission, program: notebook.Program, calls: dict[str, list],
-              disabled: tuple[str, ...], limits: sandbox.Limits) -> dict:
+              disabled: tuple[str, ...], limits: sandbox.Limits, foreign: tuple[str, ...] = (),
+              imports: tuple[str, ...] = ()) -> dict:
     steps = [dict(step, calls=calls[step["grade_id"]]) if step["kind"] == "probe" else step for step in program.steps]
     return {"lab": lab, "student": submission.student, "notebook_name": submission.name,
             "notebook_bytes": submission.data, "steps": steps, "disabled": list(disabled),
-            "limits": asdict(limits)}
+            "foreign": list(foreign), "imports": list(imports), "limits": asdict(limits)}
 
 
 def grade(lab: str, submissions: Path, course: Path, workers: int | None = None, limits: sandbox.Limits = sandbox.Limits(),
@@ -81,6 +88,7 @@ def grade(lab: str, submissions: Path, course: Path, workers: int | None = None,
                           "controllers, or their v1 hierarchies, writable by root): memory, processes and CPU "
                           "are limited per process only", stacklevel=2)
     source, parts, disabled = load_lab(course, lab)
+    foreign, imports = forbidden_elsewhere(lab)
     records = Records(course, lab)
     _register(records, {part.grade_id: part.points for part in parts})
     # 1) a task per readable submission; a result at once for the others
@@ -93,7 +101,7 @@ def grade(lab: str, submissions: Path, course: Path, workers: int | None = None,
             if submission.problem:
                 raise notebook.Unreadable(*submission.problem)
             program = notebook.assemble(source, notebook.parse(submission.data))
-            tasks[submission.student] = (make_task(lab, submission, program, calls, disabled, limits), notes + program.notes)
+            tasks[submission.student] = (make_task(lab, submission, program, calls, disabled, limits, foreign, imports), notes + program.notes)
         except notebook.Unreadable as error:
             results.append(judge.unanswered(submission.student, lab, parts, error.status, error.reason, notes))
         except Exception as error:  # nothing one submission holds may stop the batch
@@ -108,7 +116,7 @@ def grade(lab: str, submissions: Path, course: Path, workers: int | None = None,
             task, notes = tasks[student]
             steps = [(step["kind"], step["grade_id"]) for step in task["steps"]]
             try:
-                result = judge.judge(student, lab, parts, run, notes, steps, disabled)
+                result = judge.judge(student, lab, parts, run, notes, steps, disabled, foreign, imports)
             except Exception as error:  # a judge's own bug: this student is reported, the others are graded
                 result = judge.unanswered(student, lab, parts, "error", _failure("could not be judged", error), notes)
             _write(records, gradebook, lab, result, failed_writes)

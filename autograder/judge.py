@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from autograder import plain
-from qlab.labs import disabled_message
+from qlab.labs import messages
 from autograder.spec import Fail, Outcome, Part, label_of
 
 ENDINGS = {  # how the sandbox ended -> (status, reason template)
@@ -81,9 +81,10 @@ def exception_name(name: str, disabled: dict[str, str] | None = None) -> str:
     return "an exception of its own class"
 
 
-def disabled_messages(lab: str, disabled) -> dict[str, str]:
-    """What a student reads when their code called one of the lab's disabled qlab functions."""
-    return {name: disabled_message(name, lab) for name in disabled}
+def disabled_messages(lab: str, disabled, foreign=(), imports=()) -> dict[str, str]:
+    """What a student reads when their code called a function the lab switches off (qlab's or another package's)
+    or imported a package it forbids."""
+    return messages(lab, disabled, foreign, imports)
 
 
 @dataclass
@@ -182,13 +183,13 @@ def judge_part(part: Part, results: list | None, disabled: dict[str, str] | None
 
 
 def judge(student: str, lab: str, parts: list[Part], run: dict, notes: list[str], steps: list[tuple[str, str]],
-          disabled=()) -> Result:
+          disabled=(), foreign=(), imports=()) -> Result:
     """The Result of one sandbox run (`autograder.sandbox.run`'s return value). `steps` are the program's
     steps as (kind, grade_id); notes about cells come only from the runner's records of those steps."""
-    messages = disabled_messages(lab, disabled)
-    stream = read_stream(run["stream"], steps, messages)
+    explained = disabled_messages(lab, disabled, foreign, imports)
+    stream = read_stream(run["stream"], steps, explained)
     ran = stream.ran
-    results = [judge_part(part, stream.answers.get(part.grade_id), messages) for part in parts]
+    results = [judge_part(part, stream.answers.get(part.grade_id), explained) for part in parts]
     notes = cap_notes(list(notes) + [f"cell {cell} {_failed(error)}" for cell, error in ran if error])
     ending, detail = run["ending"], run["detail"]
     if ending == "finished" and stream.complete:
@@ -207,7 +208,7 @@ def judge(student: str, lab: str, parts: list[Part], run: dict, notes: list[str]
 
 def _failed(error: str) -> str:
     """How a cell's failure reads in a note: the sandbox's explanation of a disabled function, or what it raised."""
-    return f"failed: {error}" if error.startswith("ql.") else f"raised {error}"
+    return f"failed: {error}" if " while grading " in error or " may not be used in " in error else f"raised {error}"
 
 
 def cap_notes(notes: list[str]) -> list[str]:

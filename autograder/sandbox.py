@@ -641,8 +641,8 @@ def _runner(task: dict, out_fd: int, uid: int | None, workdir: str, limits: Limi
     os.environ.update(HOME=workdir, TMPDIR=workdir, PATH="/usr/local/bin:/usr/bin:/bin", LANG="C.UTF-8")
     torch.set_num_threads(1)  # one core per sandbox: the workers already use them all
     # 3) no delegation to the library
-    for name in task["disabled"]:
-        _disable(name, task["lab"])
+    qlab.labs.forbid(task["lab"], tuple(task["disabled"]), reversible=False, foreign=tuple(task.get("foreign", ())),
+                     imports=tuple(task.get("imports", ())))
     # 4) the program
     _Program(task, out_fd, limits.cell_timeout).run()
     os._exit(0)
@@ -743,7 +743,8 @@ class _Program:
 
     def __init__(self, task: dict, out_fd: int, cell_timeout: float):
         self.steps, self.out_fd, self.cell_timeout = task["steps"], out_fd, cell_timeout
-        self.disabled = {qlab.labs.disabled_message(name, task.get("lab", "")): name for name in task.get("disabled", ())}
+        self.disabled = {message: name for name, message in qlab.labs.messages(
+            task.get("lab", ""), task.get("disabled", ()), task.get("foreign", ()), task.get("imports", ())).items()}
         self.pid = os.getpid()
         self.namespace = {"__name__": "__main__", "__builtins__": builtins, "display": _display}
         self.transformer = TransformerManager()
@@ -807,7 +808,7 @@ class _Program:
             return "CellTimeout"
         except BaseException as error:  # SystemExit, KeyboardInterrupt, MemoryError: the cell failed
             try:
-                if type(error) is RuntimeError and len(error.args) == 1 and type(error.args[0]) is str \
+                if type(error) in (RuntimeError, ImportError) and len(error.args) == 1 and type(error.args[0]) is str \
                         and error.args[0] in self.disabled:
                     return f"disabled:{self.disabled[error.args[0]]}"  # the sandbox's own explanation
                 return str(type(error).__name__)[:100]

@@ -41,27 +41,64 @@ DISABLED: dict[str, tuple[str, ...]] = {
              "gguf._quantize_q8_0", "gguf._quantize_legacy"),
 }
 
+# What a lab's text forbids outside qlab: functions of other packages (by their full dotted name), switched off
+# like qlab's, and packages whose import fails.
+FOREIGN: dict[str, tuple[str, ...]] = {
+    "lab8": ("gguf.quants.quantize", "gguf.quants.np_roundf", "gguf.quants.Q8_0.quantize_blocks",
+             "gguf.quants.Q4_0.quantize_blocks"),
+}
+IMPORTS: dict[str, tuple[str, ...]] = {"lab4": ("bitsandbytes",), "lab6": ("bitsandbytes",)}
+
 _originals: dict[types.FunctionType, types.CodeType] = {}  # switched-off function -> its own code (reversible only)
 _switched_off: dict[types.FunctionType, types.CodeType] = {}  # switched-off function -> the code that raises
+_blocked: dict[str, object] = {}  # blocked module name -> the module sys.modules held before (reversible only)
 
 
-def disabled_message(name: str, lab: str) -> str:
-    """What a switched-off function raises: `ql.<name> is disabled while grading <lab>: write it yourself`."""
-    return f"ql.{name} is disabled while grading {lab}: write it yourself"
+def disabled_message(name: str, lab: str, foreign: bool = False) -> str:
+    """What a switched-off function raises: `ql.<name> is disabled while grading <lab>: write it yourself`
+    (a function of another package is named in full: `gguf.quants.quantize is disabled ...`)."""
+    return f"{'' if foreign else 'ql.'}{name} is disabled while grading {lab}: write it yourself"
+
+
+def blocked_message(module: str, lab: str) -> str:
+    """What importing a package that `lab` forbids raises (ImportError)."""
+    return f"{module} may not be used in {lab}: write it yourself with torch"
+
+
+def messages(lab: str, names=(), foreign=(), imports=()) -> dict[str, str]:
+    """{name: what calling (or importing) it raises} for everything a lab switches off."""
+    found = {name: disabled_message(name, lab) for name in names}
+    found.update({name: disabled_message(name, lab, foreign=True) for name in foreign})
+    found.update({module: blocked_message(module, lab) for module in imports})
+    return found
 
 
 def _raises(*args, **kwargs):
     raise RuntimeError("MESSAGE")  # only builtins: this code runs with the globals of the function it replaces
 
 
-def function_of(name: str) -> types.FunctionType:
-    """The plain function behind `qlab.<name>` ("metrics.sqnr_db", "qat.FakeQuantizeSTE.forward"), unwrapped."""
+def function_of(name: str, foreign: bool = False) -> types.FunctionType:
+    """The plain function behind `qlab.<name>` ("metrics.sqnr_db", "qat.FakeQuantizeSTE.forward"), unwrapped;
+    with `foreign`, behind the full dotted name of another package's function ("gguf.quants.quantize")."""
+    import importlib
+
     import qlab
 
-    function = qlab
-    for part in name.split("."):
+    function, parts = qlab, name.split(".")
+    if foreign:
+        for cut in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
+            try:
+                function, parts = importlib.import_module(".".join(parts[:cut])), parts[cut:]
+                break
+            except ImportError:
+                continue
+        else:
+            raise ValueError(f"no module of {name!r} can be imported: is its package installed?")
+    for part in parts:
         if not hasattr(function, part):
-            raise ValueError(f"qlab has no {name!r} to switch off: check the name against `import qlab as ql; ql.{name}`")
+            where = name if foreign else f"ql.{name}"
+            raise ValueError(f"qlab has no {name!r} to switch off: check the name against `import qlab as ql; ql.{name}`"
+                             if not foreign else f"there is no {where} to switch off: check the name")
         function = getattr(function, part)
     function = getattr(function, "__func__", function)  # a classmethod or staticmethod
     while hasattr(function, "__wrapped__"):  # a functools.wraps wrapper (torch.no_grad()) calls the original,
@@ -71,11 +108,14 @@ def function_of(name: str) -> types.FunctionType:
     return function
 
 
-def forbid(lab: str, names: tuple[str, ...] | None = None, reversible: bool = True) -> tuple[str, ...]:
-    """Switch off qlab's versions of the functions `lab` asks students to write (or `names`); return the names.
+def forbid(lab: str, names: tuple[str, ...] | None = None, reversible: bool = True, *,
+           foreign: tuple[str, ...] | None = None, imports: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Switch off what `lab` forbids: qlab's versions of the functions it asks students to write (`names`),
+    functions of other packages (`foreign`) and packages (`imports`); return the qlab names.
 
     Args:
-        lab: the lab ("lab1"); names default to `DISABLED[lab]`.
+        lab: the lab ("lab1"); when `names` is None, all three default to the lab's lists (DISABLED,
+            FOREIGN, IMPORTS); when `names` is given, `foreign` and `imports` default to nothing.
         reversible: keep the original code so that `reference()` can switch them back on for a visible
             test's oracle. The autograder's sandbox passes False: nothing there can bring them back.
     """
@@ -83,40 +123,96 @@ def forbid(lab: str, names: tuple[str, ...] | None = None, reversible: bool = Tr
         if lab not in DISABLED:
             raise ValueError(f"unknown lab {lab!r}: expected one of {sorted(DISABLED)}")
         names = DISABLED[lab]
+        foreign = FOREIGN.get(lab, ()) if foreign is None else foreign
+        imports = IMPORTS.get(lab, ()) if imports is None else imports
     for name in names:
-        function = function_of(name)
-        if function in _switched_off and function.__code__ is _switched_off[function]:
-            continue  # already off
-        code = _raises.__code__
-        consts = tuple(disabled_message(name, lab) if const == "MESSAGE" else const for const in code.co_consts)
-        stub = code.replace(co_consts=consts, co_name=function.__name__, co_qualname=function.__qualname__)
-        if reversible:
-            _originals[function] = function.__code__
-        else:
-            _originals.pop(function, None)
-        function.__code__ = _switched_off[function] = stub
+        _switch_off(name, lab, False, reversible)
+    for name in foreign or ():
+        _switch_off(name, lab, True, reversible)
+    for module in imports or ():
+        _block(module, lab, reversible)
     return tuple(names)
+
+
+class _Blocker:
+    """A finder first on sys.meta_path that refuses to import a forbidden package, with a message that says why."""
+
+    def __init__(self, module: str, lab: str, reversible: bool):
+        self.module, self.lab, self.reversible = module, lab, reversible
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.module or name.startswith(self.module + "."):
+            raise ImportError(blocked_message(self.module, self.lab), name=name)
+        return None
+
+
+def _block(module: str, lab: str, reversible: bool) -> None:
+    """Make `import module` (and its submodules) fail with a message; forget it if it was imported already."""
+    import sys
+
+    if any(isinstance(finder, _Blocker) and finder.module == module for finder in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _Blocker(module, lab, reversible))
+    _forget(module, keep=reversible)
+
+
+def _forget(module: str, keep: bool) -> None:
+    """Drop a module and its submodules from sys.modules (keeping them in _blocked to put back, if `keep`)."""
+    import sys
+
+    for name in [key for key in sys.modules if key == module or key.startswith(module + ".")]:
+        loaded = sys.modules.pop(name)
+        if keep:
+            _blocked[name] = loaded
+
+
+def _switch_off(name: str, lab: str, foreign: bool, reversible: bool) -> None:
+    function = function_of(name, foreign)
+    if function in _switched_off and function.__code__ is _switched_off[function]:
+        return  # already off
+    code = _raises.__code__
+    consts = tuple(disabled_message(name, lab, foreign) if const == "MESSAGE" else const for const in code.co_consts)
+    stub = code.replace(co_consts=consts, co_name=function.__name__, co_qualname=function.__qualname__)
+    if reversible:
+        _originals[function] = function.__code__
+    else:
+        _originals.pop(function, None)
+    function.__code__ = _switched_off[function] = stub
 
 
 @contextlib.contextmanager
 def reference() -> Iterator[None]:
-    """Switch qlab's versions back on inside the block: for a visible test that uses qlab as its oracle."""
+    """Switch qlab's versions back on inside the block, and allow the blocked imports: for the expected values
+    of a test cell. What was switched off for good (`reversible=False`, the sandbox) stays off."""
+    import sys
+
     restored = {function: function.__code__ for function in _originals}
     for function, code in _originals.items():
         function.__code__ = code
+    lifted = [finder for finder in sys.meta_path if isinstance(finder, _Blocker) and finder.reversible]
+    sys.meta_path[:] = [finder for finder in sys.meta_path if finder not in lifted]
+    sys.modules.update(_blocked)
     try:
         yield
     finally:
         for function, code in restored.items():
             function.__code__ = code
+        sys.meta_path[:0] = lifted
+        for finder in lifted:
+            _forget(finder.module, keep=True)
 
 
 def allow_all() -> None:
-    """Switch every reversibly switched-off function back on (the end of a lab session, or a test)."""
+    """Switch every reversibly switched-off function and blocked import back on (the end of a lab session, a test)."""
+    import sys
+
     for function, code in list(_originals.items()):
         function.__code__ = code
         _switched_off.pop(function, None)
     _originals.clear()
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _Blocker)]
+    sys.modules.update(_blocked)
+    _blocked.clear()
 
 
 class _Oracle:

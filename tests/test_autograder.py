@@ -724,8 +724,8 @@ def test_lab7_flawed_solutions_lose_the_right_points(tmp_path):
                            "self.history = torch.cat([amax, self.history])")],
     })
     assert lost == {"no_clamp": ["test_fp8_quantize"], "current_amax": ["test_delayed_quantize"],
-                    "never_forgets": ["test_delayed_quantize", "test_delayed_scaler"]}, lost
-    assert scores == {"no_clamp": 80, "current_amax": 92, "never_forgets": 80}
+                    "never_forgets": ["test_delayed_scaler"]}, lost  # fp8_quantize_delayed: right by the student's own scaler
+    assert scores == {"no_clamp": 80, "current_amax": 92, "never_forgets": 88}
 
 
 def test_lab8_flawed_solutions_lose_the_right_points(tmp_path):

@@ -73,3 +73,27 @@ def test_irreversible_switch_keeps_nothing_to_restore():
     proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "still off: ql.quantize is disabled while grading lab1" in proc.stdout and "off for good" in proc.stdout
+
+
+def test_other_packages_functions_and_imports_are_switched_off_too():
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("bitsandbytes")
+    try:
+        ql.labs.forbid("lab8")
+        ql.labs.forbid("lab6")
+        with pytest.raises(RuntimeError, match=r"^gguf\.quants\.quantize is disabled while grading lab8: write it yourself$"):
+            gguf.quants.quantize(np.ones((1, 32), np.float32), gguf.GGMLQuantizationType.Q8_0)
+        with pytest.raises(ImportError, match="bitsandbytes may not be used in lab6: write it yourself with torch"):
+            import bitsandbytes  # noqa: F401
+        with ql.labs.reference():  # a test cell's expected values: both back on for the block
+            codes = gguf.quants.quantize(np.ones((1, 32), np.float32), gguf.GGMLQuantizationType.Q8_0)
+            import bitsandbytes  # noqa: F401,F811
+        assert codes.shape == (1, 34)  # by hand: one block = float16 scale + 32 int8 codes
+        with pytest.raises(ImportError, match="may not be used"):
+            import bitsandbytes.functional  # noqa: F401
+    finally:
+        ql.labs.allow_all()
+    import bitsandbytes  # noqa: F401,F811
+    assert gguf.quants.quantize(np.ones((1, 32), np.float32), gguf.GGMLQuantizationType.Q8_0).shape == (1, 34)

@@ -36,12 +36,17 @@ from torch import nn
 import qlab as ql
 from autograder.spec import Check, Outcome, Part, call, close, expect, labels, letter, returned, tensor
 
-DISABLED = ("fp8.quantize", "fp8.amax_to_scale", "fp8.dequantize", "fp8.scaled_mm", "fp8.AmaxHistory.update",
-            "fp8.AmaxHistory.scale_for")
+DISABLED = ql.labs.DISABLED["lab7"]  # qlab functions the lab switches off (qlab/labs.py)
 FP8_DTYPE = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MAX = {fmt: torch.finfo(dtype).max for fmt, dtype in FP8_DTYPE.items()}
 MANTISSA_BITS = {"e4m3": 3, "e5m2": 2}
 INF, NAN = float("inf"), float("nan")
+
+
+def hidden_labels():
+    """hidden("an all-zero tensor") -> "hidden check 1 (an all-zero tensor)": the category of a hidden check's inputs."""
+    count = labels("hidden check")
+    return lambda category: f"{count()} ({category})"
 
 
 @cache
@@ -163,14 +168,15 @@ def fp8_quantize_part() -> Part:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 128, generator=g)
     checks += [rounding_check(x, fmt, f"a random tensor, {fmt}") for fmt in ("e4m3", "e5m2")]
-    g, hidden = torch.Generator().manual_seed(701), labels("hidden check")
-    for x in [torch.randn(64, 96, generator=g) * 3,
-              torch.randn(48, 80, generator=g) * 10 ** (torch.rand(48, 80, generator=g) * 8 - 4),
-              torch.randn(4, 16, 32, generator=g) * 1e-3,
-              torch.zeros(5, 7),
-              torch.tensor([[2e5, -3.0, 0.5], [INF, 1e-3, -7.0]]),
-              torch.tensor([NAN, 2.0, -1e6, 0.0])]:
-        checks += [reference_check(x, fmt, hidden()) for fmt in ("e4m3", "e5m2")]
+    g, hidden = torch.Generator().manual_seed(701), hidden_labels()
+    for x, kind in [(torch.randn(64, 96, generator=g) * 3, "values of a few units"),
+                    (torch.randn(48, 80, generator=g) * 10 ** (torch.rand(48, 80, generator=g) * 8 - 4),
+                     "values spanning eight powers of ten"),
+                    (torch.randn(4, 16, 32, generator=g) * 1e-3, "a 3-D tensor of tiny values"),
+                    (torch.zeros(5, 7), "an all-zero tensor"),
+                    (torch.tensor([[2e5, -3.0, 0.5], [INF, 1e-3, -7.0]]), "an Inf and a value beyond E4M3's max"),
+                    (torch.tensor([NAN, 2.0, -1e6, 0.0]), "a NaN and a value beyond both formats' max")]:
+        checks += [reference_check(x, fmt, hidden(f"{kind}, {fmt.upper()}")) for fmt in ("e4m3", "e5m2")]
     return Part("test_fp8_quantize", 20, tuple(checks))
 
 
@@ -231,12 +237,15 @@ def fp8_rowwise_part() -> Part:
     ]
     g = torch.Generator().manual_seed(2)
     checks += rows_apart_checks(torch.randn(4, 256, generator=g) * torch.tensor([[1e-4], [1e-2], [1.0], [1e2]]))
-    g, hidden = torch.Generator().manual_seed(702), labels("hidden check")
+    g, hidden = torch.Generator().manual_seed(702), hidden_labels()
     nasty = torch.tensor([[0.0, 0.0, 0.0, 0.0], [INF, 1.0, -1e6, 2.0], [NAN, 3.0, -1.0, 0.5],
                           [1e-30, -3e-31, 0.0, 1e-31], [2e5, -7.0, 0.25, 1.0]])
-    for x in [torch.randn(32, 96, generator=g) * 10 ** (torch.rand(32, 1, generator=g) * 6 - 3),
-              torch.randn(7, 300, generator=g) * 10 ** (torch.rand(7, 300, generator=g) * 4 - 2), nasty]:
-        checks += [rowwise_reference_check(x, fmt, hidden()) for fmt in ("e4m3", "e5m2")]
+    for x, kind in [(torch.randn(32, 96, generator=g) * 10 ** (torch.rand(32, 1, generator=g) * 6 - 3),
+                     "rows six powers of ten apart"),
+                    (torch.randn(7, 300, generator=g) * 10 ** (torch.rand(7, 300, generator=g) * 4 - 2),
+                     "values spanning four powers of ten"),
+                    (nasty, "rows of zeros, with an Inf, with a NaN, of tiny values, beyond the max")]:
+        checks += [rowwise_reference_check(x, fmt, hidden(f"{kind}, {fmt.upper()}")) for fmt in ("e4m3", "e5m2")]
     return Part("test_fp8_rowwise", 15, tuple(checks))
 
 
@@ -276,15 +285,18 @@ def delayed_scaler_part() -> Part:
                      torch.tensor([1.0, 224.0, 224.0, 224.0, 448.0]), "an Inf",
                      "while an Inf is in the history, the previous scale is kept"),
     ]
-    g, hidden = torch.Generator().manual_seed(703), labels("hidden check")
-    for history_len, fmt, spike, zero, inf in [(4, "e4m3", 12, 0, None), (1, "e5m2", 7, 20, None), (16, "e4m3", 3, 0, 25),
-                                               (3, "e5m2", 15, 16, 5)]:
+    g, hidden = torch.Generator().manual_seed(703), hidden_labels()
+    for history_len, fmt, spike, zero, inf, kind in [
+            (4, "e4m3", 12, 0, None, "a spike, an all-zero first step, E4M3"),
+            (1, "e5m2", 7, 20, None, "a history of one step, a spike, an all-zero step, E5M2"),
+            (16, "e4m3", 3, 0, 25, "a long history, a spike, an all-zero first step, an Inf, E4M3"),
+            (3, "e5m2", 15, 16, 5, "an Inf, a spike, an all-zero step, E5M2")]:
         xs = torch.randn(30, 64, generator=g) * (0.5 + torch.rand(30, 1, generator=g))
         xs[spike] *= 20
         xs[zero] = 0.0
         if inf is not None:
             xs[inf, 3] = INF
-        checks.append(scales_check(xs, history_len, fmt, amax_history_scales(xs, history_len, fmt), hidden(),
+        checks.append(scales_check(xs, history_len, fmt, amax_history_scales(xs, history_len, fmt), hidden(kind),
                                    "the scales differ from delayed scaling's (the max of the last history_len amaxes; "
                                    "the previous scale where that max is 0 or not finite)"))
     return Part("test_delayed_scaler", 12, tuple(checks))
@@ -297,22 +309,37 @@ def delayed_answer(out: Outcome, xs: torch.Tensor, fmt: str) -> tuple[torch.Tens
     return codes, tensor(dequant_scales, torch.float32, (xs.shape[0],), "the dequant scales")
 
 
+def own_scales(out: Outcome, xs: torch.Tensor) -> torch.Tensor | None:
+    """The scales the student's own DelayedScaler gives on the steps xs (Part 3's first half), if it gave usable ones:
+    fp8_quantize_delayed is judged with them as well, so that a mistake in the scaler is not counted twice."""
+    try:
+        scales = tensor(returned(out, None, "DelayedScaler"), torch.float32, (xs.shape[0],), "the scales")
+    except Exception:
+        return None
+    return scales if bool((torch.isfinite(scales) & (scales > 0)).all()) else None
+
+
 def spike_check(xs: torch.Tensor) -> Check:
-    """The visible spike at step 5 (history_len 3, E4M3): the scales of the previous steps, the spike clipped."""
+    """The visible spike at step 5 (history_len 3, E4M3): the scales of the previous steps (as the text computes
+    them, or as the student's own DelayedScaler gives them), the spike clipped."""
     amaxes = xs.abs().amax(dim=1)  # (T,)
     expected = torch.tensor([1.0] + [448 / float(amaxes[max(0, t - 3):t].max()) for t in range(1, len(xs))])
 
-    def judge(out):
+    def judge(out, own):
         codes, dequant_scales = delayed_answer(out, xs, "e4m3")
-        expect(torch.allclose(1 / dequant_scales, expected, rtol=1e-5), "step t must be quantized with the scale of steps "
-               "t-3 .. t-1 (the first step: 1.0), never with its own amax")
+        own = own_scales(own, xs)
+        expect(torch.allclose(1 / dequant_scales, expected, rtol=1e-5) or
+               (own is not None and torch.allclose(1 / dequant_scales, own, rtol=1e-5)),
+               "step t must be quantized with the scale your DelayedScaler gives before it records step t (that of steps "
+               "t-3 .. t-1; the first step: 1.0), never with its own amax")
         values = decoded(codes, "e4m3")
         expect(int((values[5].abs() == 448).sum()) > 10, "at the spike, the values beyond the history's amax must saturate "
                "at ±448")
         expect(float(values[6:].abs().max()) < 448 / 2, "after the spike, its amax sets the scale: the next steps stay far "
                "below 448")
 
-    return Check(call("delayed_quantize_result", xs, 3, "e4m3"), judge, "a spike")
+    return Check(call("delayed_quantize_result", xs, 3, "e4m3"), judge, "a spike",
+                 context=(call("delayed_scales_result", xs, 3, "e4m3"),))
 
 
 def delayed_quantize_part() -> Part:
@@ -320,25 +347,35 @@ def delayed_quantize_part() -> Part:
     xs = torch.randn(8, 64, generator=g)
     xs[5] *= 6
     checks = [spike_check(xs)]
-    g, hidden = torch.Generator().manual_seed(704), labels("hidden check")
-    for history_len, fmt, spike in [(4, "e4m3", 10.0), (2, "e5m2", 1e6), (16, "e4m3", 3.0), (1, "e5m2", 0.01)]:
+    g, hidden = torch.Generator().manual_seed(704), hidden_labels()
+    for history_len, fmt, spike, kind in [(4, "e4m3", 10.0, "a spike, E4M3"), (2, "e5m2", 1e6, "a huge spike, E5M2"),
+                                          (16, "e4m3", 3.0, "a long history, a small spike, E4M3"),
+                                          (1, "e5m2", 0.01, "a history of one step, a dip, E5M2")]:
         xs = torch.randn(20, 48, generator=g) * (0.5 + torch.rand(20, 1, generator=g))
         xs[9] *= spike
         scale = amax_history_scales(xs, history_len, fmt)[:, None]  # (T, 1): each step's scale, from the steps before it
-        checks.append(delayed_reference_check(xs, history_len, fmt, qlab_references(xs, fmt, scale), hidden()))
+        checks.append(delayed_reference_check(xs, history_len, fmt, qlab_references(xs, fmt, scale), hidden(kind)))
     return Part("test_delayed_quantize", 8, tuple(checks))
 
 
 def delayed_reference_check(xs, history_len, fmt, references, label) -> Check:
     dequant_ref = references[0][1].flatten()  # (T,)
 
-    def judge(out):
+    def judge(out, own):
         codes, dequant_scales = delayed_answer(out, xs, fmt)
-        expect(same_codes(codes, references, by_row=True), f"{fmt}: the codes differ from delayed scaling's (the scale "
-               "of the previous steps; clamp, then cast)")
-        expect(torch.allclose(dequant_scales, dequant_ref, rtol=1e-6), f"{fmt}: the dequant scales differ")
+        if same_codes(codes, references, by_row=True) and torch.allclose(dequant_scales, dequant_ref, rtol=1e-6):
+            return
+        own = own_scales(own, xs)  # errors carried forward: the codes your own DelayedScaler's scales give
+        theirs = None if own is None else qlab_references(xs, fmt, own[:, None])
+        expect(same_codes(codes, references, by_row=True) or (theirs is not None and same_codes(codes, theirs, by_row=True)),
+               f"{fmt}: the codes differ from delayed scaling's (the scale your DelayedScaler gives before it records "
+               "the step; clamp, then cast)")
+        expect(torch.allclose(dequant_scales, dequant_ref, rtol=1e-6) or
+               (theirs is not None and torch.allclose(dequant_scales, theirs[0][1].flatten(), rtol=1e-6)),
+               f"{fmt}: the dequant scales differ")
 
-    return Check(call("delayed_quantize_result", xs, history_len, fmt), judge, label)
+    return Check(call("delayed_quantize_result", xs, history_len, fmt), judge, label,
+                 context=(call("delayed_scales_result", xs, history_len, fmt),))
 
 
 # -- Part 4: the FP8 linear layer ------------------------------------------------------------------------------
@@ -366,13 +403,14 @@ def fp8_linear_part() -> Part:
     w = torch.randn(128, 256, generator=g) * 0.05
     for fmt, largest in (("e4m3", 0.05), ("e5m2", 0.1)):
         checks.append(rounding_linear_check(x, w, fmt, largest))
-    g, hidden = torch.Generator().manual_seed(705), labels("hidden check")
-    for M, K, N, fmt, with_bias in [(16, 64, 32, "e4m3", True), (33, 128, 48, "e5m2", False), (8, 256, 1024, "e4m3", False),
-                                    (40, 96, 24, "e5m2", True)]:
+    g, hidden = torch.Generator().manual_seed(705), hidden_labels()
+    for M, K, N, fmt, with_bias, kind in [(16, 64, 32, "e4m3", True, "a bias, E4M3"), (33, 128, 48, "e5m2", False, "no bias, E5M2"),
+                                          (8, 256, 1024, "e4m3", False, "many outputs, no bias, E4M3"),
+                                          (40, 96, 24, "e5m2", True, "a bias, E5M2")]:
         x = torch.randn(M, K, generator=g) * torch.rand(K, generator=g) ** 4 * 10
         w = torch.randn(N, K, generator=g) * 0.05
         bias = torch.randn(N, generator=g) if with_bias else None
-        checks.append(scaled_mm_check(x, w, bias, fmt, hidden()))
+        checks.append(scaled_mm_check(x, w, bias, fmt, hidden(f"a few large input channels, {kind}")))
     return Part("test_fp8_linear", 15, tuple(checks))
 
 
@@ -396,13 +434,29 @@ def scaled_mm_check(x, w, bias, fmt: str, label: str) -> Check:
               for w8, w_scale in w_references]
     bound = 1e-5 * float(y_refs[0].abs().max())
 
-    def judge(out):
+    def judge(out, x_out, w_out):
         y = linear_output(out, tuple(y_refs[0].shape))
-        expect(min(float((y - y_ref).abs().max()) for y_ref in y_refs) <= bound,
-               f"{fmt}: y differs from the scaled FP8 matmul's (codes of x and w with one scale each, "
-               "multiplied as float32, both dequant scales at the end, then the bias)")
+        if min(float((y - y_ref).abs().max()) for y_ref in y_refs) <= bound:
+            return
+        y_own = own_linear(x_out, w_out, x, w, bias, fmt)  # errors carried forward: the matmul of your own codes
+        expect(y_own is not None and float((y - y_own).abs().max()) <= 1e-5 * float(y_own.abs().max()),
+               f"{fmt}: y differs from the scaled FP8 matmul's (codes of x and w with one scale each, made by your "
+               "fp8_quantize, multiplied as float32, both dequant scales at the end, then the bias)")
 
-    return Check(call("fp8_linear_result", x, w, bias, fmt), judge, label)
+    context = (call("fp8_quantize_result", x, fmt), call("fp8_quantize_result", w, fmt))
+    return Check(call("fp8_linear_result", x, w, bias, fmt), judge, label, context=context)
+
+
+def own_linear(x_out, w_out, x, w, bias, fmt: str) -> torch.Tensor | None:
+    """qlab's emulation of torch._scaled_mm on the codes and dequant scales of the student's own fp8_quantize (None
+    where those are unusable): Part 4 asks for the matmul of "your fp8_quantize"'s codes."""
+    try:
+        x8, x_scale = quantize_answer(x_out, x, fmt)
+        w8, w_scale = quantize_answer(w_out, w, fmt)
+        y = ql.fp8.scaled_mm(x8.view(FP8_DTYPE[fmt]), w8.view(FP8_DTYPE[fmt]).t(), x_scale, w_scale, bias=bias)
+    except Exception:
+        return None
+    return y if bool(torch.isfinite(y).all()) else None
 
 
 def fp8_model_part() -> Part:
