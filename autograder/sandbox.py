@@ -550,6 +550,17 @@ def _private_root(file_mb: int) -> str:
     links = {name: os.readlink(f"/{name}") for name in ("bin", "lib", "lib32", "lib64", "sbin") if os.path.islink(f"/{name}")}
     root = "/tmp"  # any folder will do: the new root is a fresh tmpfs mounted on it in this namespace only
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+    # the private scratch space first: a Python installation inside the host's /tmp (a clone there, with its
+    # virtual environment) is bound on top of it below, read-only, rather than hidden by it
+    os.makedirs(f"{root}/dev", exist_ok=True)
+    _mount("tmpfs", f"{root}/dev", "tmpfs", MS_NOSUID, "size=64k,mode=755")
+    for name, fd in devices.items():
+        open(f"{root}/dev/{name}", "a").close()
+        _mount(f"/proc/self/fd/{fd}", f"{root}/dev/{name}", None, MS_BIND)
+        os.close(fd)
+    for path, mode in (("/tmp", "1777"), ("/dev/shm", "1777")):
+        os.makedirs(root + path, exist_ok=True)
+        _mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={file_mb}m,mode={mode}")
     for path in sources:
         if path == checkpoints:  # after the covering below
             continue
@@ -570,15 +581,6 @@ def _private_root(file_mb: int) -> str:
         os.close(held[checkpoints])
     for name, target in links.items():
         os.symlink(target, f"{root}/{name}")
-    os.makedirs(f"{root}/dev", exist_ok=True)
-    _mount("tmpfs", f"{root}/dev", "tmpfs", MS_NOSUID, "size=64k,mode=755")
-    for name, fd in devices.items():
-        open(f"{root}/dev/{name}", "a").close()
-        _mount(f"/proc/self/fd/{fd}", f"{root}/dev/{name}", None, MS_BIND)
-        os.close(fd)
-    for path, mode in (("/tmp", "1777"), ("/dev/shm", "1777")):
-        os.makedirs(root + path, exist_ok=True)
-        _mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={file_mb}m,mode={mode}")
     os.makedirs(f"{root}/proc")
     _mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # shows the sandbox's processes only
     os.chdir(root)
