@@ -187,6 +187,7 @@ def run(task: dict) -> dict:
     if process.exitcode is None:
         process.kill()
         process.join()
+    _Cgroup.remove_left(f"qlab-sandbox-{process.pid}")  # if A was killed before it could remove its cgroup
     if code is None:
         code = process.exitcode
     if too_large:
@@ -336,6 +337,16 @@ class _Cgroup:
         except OSError:
             if not optional:
                 raise
+
+    @classmethod
+    def remove_left(cls, name: str) -> None:
+        """Remove the cgroup `name` if it is still there (its supervisor was killed), with whatever it holds."""
+        parents = cls._parents()
+        if parents is None:
+            return
+        folders = [os.path.join(folder, name) for folder in parents[1]]
+        if any(os.path.isdir(folder) for folder in folders):
+            cls([folder for folder in folders], parents[0]).remove()
 
     def join(self) -> None:
         """Move the calling process into the cgroup (its children follow)."""

@@ -367,6 +367,9 @@ def test_no_sandbox_process_survives(batch):
             if uid >= sandbox.UID_BASE:
                 survivors.append(entry)
     assert survivors == []
+    parents = sandbox._Cgroup._parents()  # and no sandbox's cgroup is left behind (output floods kill supervisors)
+    left = [name for folder in (parents[1] if parents else ()) for name in os.listdir(folder) if name.startswith("qlab-")]
+    assert left == []
 
 
 @isolated
