@@ -117,6 +117,8 @@ def _from_folder(path: Path, lab: str) -> _Found:
     for entry in sorted(path.iterdir(), key=lambda entry: entry.name):
         if entry.name.startswith("."):
             continue
+        if entry.suffix != ".ipynb" and not entry.is_dir():
+            continue  # a stray file that is no notebook (README.txt, grades.csv)
         name = entry.stem if entry.suffix == ".ipynb" and not entry.is_dir() else entry.name
         refused = _refused(entry, root)
         if refused:
@@ -133,7 +135,7 @@ def _from_folder(path: Path, lab: str) -> _Found:
             for notebook in notebooks:
                 refused = _refused(notebook, root)
                 found.add(name, notebook.name, ("refused", refused) if refused else _read(notebook))
-        elif entry.suffix == ".ipynb" and entry.is_file():
+        elif entry.suffix == ".ipynb":
             found.add(name, f"{lab}.ipynb", _read(entry))
     return found
 
@@ -148,6 +150,9 @@ def _refused(path: Path, root: Path) -> str | None:
         return f"{path.name} could not be resolved"
     if resolved != root and root not in resolved.parents:
         return f"{path.name} is outside the submissions folder"
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a named pipe would block the reader, a device read for ever
+        return f"{path.name} is not a regular file"
     return None
 
 

@@ -987,6 +987,8 @@ def _hostile_files(folder: Path, course: Path) -> dict[str, tuple[str, float]]:
     expected["sym_file"] = ("refused", 0)
     (folder / "sym_folder").symlink_to(course / "source")  # a whole folder of someone else's
     expected["sym_folder"] = ("refused", 0)
+    os.mkfifo(folder / "pipe.ipynb")  # reading it would block the batch for ever
+    expected["pipe"] = ("refused", 0)
     (folder / "inner" / LAB).mkdir(parents=True)
     (folder / "inner" / LAB / f"{LAB}.ipynb").symlink_to(course / "source" / LAB / f"{LAB}.ipynb")
     expected["inner"] = ("refused", 0)
