@@ -52,14 +52,9 @@ def _digest(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
-class _Found:
-    """What collection found per submission name (folder, file stem or zip folder, as written)."""
-
-    def __init__(self):
-        self.files: dict[str, dict[str, bytes | int | tuple[str, str]]] = {}
-
-    def add(self, student: str, name: str, data: bytes | int | tuple[str, str]) -> None:
-        self.files.setdefault(student, {})[name] = data
+# What collection found: {submission name as written (folder, file stem, zip folder): {file name: bytes,
+# its size if too large, or (status, reason) if it cannot be graded}}
+Found = dict[str, dict[str, "bytes | int | tuple[str, str]"]]
 
 
 def collect(path: Path, lab: str) -> list[Submission]:
@@ -76,8 +71,8 @@ def collect(path: Path, lab: str) -> list[Submission]:
     else:
         raise ValueError(f"{path} is neither a folder nor a zip file of submissions")
     submissions = []
-    for name, student, note in _assign_ids(sorted(found.files)):
-        submission = _choose(student, lab, found.files[name])
+    for name, student, note in _assign_ids(sorted(found)):
+        submission = _choose(student, lab, found[name])
         if note:
             submission = Submission(submission.student, submission.name, submission.data, submission.problem,
                                     "; ".join(filter(None, [note, submission.note])))
@@ -112,8 +107,8 @@ def _shown(name: str) -> str:
     return repr(name.encode("ascii", "backslashreplace").decode("ascii")[:80])
 
 
-def _from_folder(path: Path, lab: str) -> _Found:
-    found, root = _Found(), path.resolve()
+def _from_folder(path: Path, lab: str) -> Found:
+    found, root = {}, path.resolve()
     for entry in sorted(path.iterdir(), key=lambda entry: entry.name):
         if entry.name.startswith("."):
             continue
@@ -122,21 +117,21 @@ def _from_folder(path: Path, lab: str) -> _Found:
         name = entry.stem if entry.suffix == ".ipynb" and not entry.is_dir() else entry.name
         refused = _refused(entry, root)
         if refused:
-            found.add(name, f"{lab}.ipynb", ("refused", refused))
+            found.setdefault(name, {})[f"{lab}.ipynb"] = ("refused", refused)
             continue
         if entry.is_dir():
             lab_dir = entry / lab if (entry / lab).is_dir() and not (entry / lab).is_symlink() else entry
             try:
                 notebooks = sorted(lab_dir.glob("*.ipynb"))
             except OSError as error:
-                found.add(name, f"{lab}.ipynb", ("corrupt", f"the folder could not be read ({error.strerror})"))
+                found.setdefault(name, {})[f"{lab}.ipynb"] = ("corrupt", f"the folder could not be read ({error.strerror})")
                 continue
-            found.files.setdefault(name, {})
+            files = found.setdefault(name, {})
             for notebook in notebooks:
                 refused = _refused(notebook, root)
-                found.add(name, notebook.name, ("refused", refused) if refused else _read(notebook))
+                files[notebook.name] = ("refused", refused) if refused else _read(notebook)
         elif entry.suffix == ".ipynb":
-            found.add(name, f"{lab}.ipynb", _read(entry))
+            found.setdefault(name, {})[f"{lab}.ipynb"] = _read(entry)
     return found
 
 
@@ -156,8 +151,8 @@ def _refused(path: Path, root: Path) -> str | None:
     return None
 
 
-def _from_zip(path: Path, lab: str) -> _Found:
-    found = _Found()
+def _from_zip(path: Path, lab: str) -> Found:
+    found = {}
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as error:
@@ -175,7 +170,7 @@ def _from_zip(path: Path, lab: str) -> _Found:
                 student, name = parts[-2], parts[-1]  # <student>/<name>
             else:
                 student, name = PurePosixPath(parts[-1]).stem, f"{lab}.ipynb"  # <student>.ipynb
-            found.add(student, name, _read_entry(archive, info))
+            found.setdefault(student, {})[name] = _read_entry(archive, info)
     return found
 
 

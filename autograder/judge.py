@@ -74,17 +74,19 @@ def exception_name(name: str, disabled: dict[str, str] | None = None) -> str:
     """The name of what a cell or call raised, if it is a built-in exception, or the sandbox's own
     explanation when a disabled qlab function was called; student-made names could spell out hidden
     inputs, so those are not repeated."""
-    if name.startswith(DISABLED_PREFIX) and disabled and name[len(DISABLED_PREFIX):] in disabled:
-        return disabled[name[len(DISABLED_PREFIX):]]
+    explanation = _explanation(name, disabled)
+    if explanation:
+        return explanation
     if name == "CellTimeout" or name in plain.SAFE_TYPE_NAMES:
         return name
     return "an exception of its own class"
 
 
-def disabled_messages(lab: str, disabled, foreign=(), imports=()) -> dict[str, str]:
-    """What a student reads when their code called a function the lab switches off (qlab's or another package's)
-    or imported a package it forbids."""
-    return messages(lab, disabled, foreign, imports)
+def _explanation(name: str, disabled: dict[str, str] | None) -> str | None:
+    """The sandbox's explanation for a runner record "disabled:<name>" of something the lab switches off."""
+    if disabled and name.startswith(DISABLED_PREFIX):
+        return disabled.get(name[len(DISABLED_PREFIX):])
+    return None
 
 
 @dataclass
@@ -143,8 +145,9 @@ def outcome(raw, disabled: dict[str, str] | None = None) -> Outcome:
     """One probe's answer as an Outcome; anything malformed becomes an Invalid value."""
     if isinstance(raw, dict) and set(raw) <= {"raised", "missing"} and isinstance(raw.get("raised"), str):
         raised = raw["raised"][:200]
-        if raised.startswith(DISABLED_PREFIX) and disabled and raised[len(DISABLED_PREFIX):] in disabled:
-            return Outcome(raised="RuntimeError", disabled=disabled[raised[len(DISABLED_PREFIX):]])
+        explanation = _explanation(raised, disabled)
+        if explanation:
+            return Outcome(raised="RuntimeError", disabled=explanation)
         return Outcome(raised=exception_name(raised), missing=raw.get("missing") is True)
     return Outcome(value=plain.decode(raw))
 
@@ -186,11 +189,12 @@ def judge(student: str, lab: str, parts: list[Part], run: dict, notes: list[str]
           disabled=(), foreign=(), imports=()) -> Result:
     """The Result of one sandbox run (`autograder.sandbox.run`'s return value). `steps` are the program's
     steps as (kind, grade_id); notes about cells come only from the runner's records of those steps."""
-    explained = disabled_messages(lab, disabled, foreign, imports)
+    explained = messages(lab, disabled, foreign, imports)
     stream = read_stream(run["stream"], steps, explained)
     ran = stream.ran
     results = [judge_part(part, stream.answers.get(part.grade_id), explained) for part in parts]
-    notes = cap_notes(list(notes) + [f"cell {cell} {_failed(error)}" for cell, error in ran if error])
+    failed = [f"cell {cell} {'failed:' if error in explained.values() else 'raised'} {error}" for cell, error in ran if error]
+    notes = cap_notes(list(notes) + failed)
     ending, detail = run["ending"], run["detail"]
     if ending == "finished" and stream.complete:
         status, reason = "graded", ""
@@ -204,11 +208,6 @@ def judge(student: str, lab: str, parts: list[Part], run: dict, notes: list[str]
     if status != "graded" and ran:
         reason += f", after cell {ran[-1][0]}"
     return Result(student, lab, status, reason, results, notes, round(run["seconds"], 3))
-
-
-def _failed(error: str) -> str:
-    """How a cell's failure reads in a note: the sandbox's explanation of a disabled function, or what it raised."""
-    return f"failed: {error}" if " while grading " in error or " may not be used in " in error else f"raised {error}"
 
 
 def cap_notes(notes: list[str]) -> list[str]:

@@ -303,12 +303,17 @@ class _Cgroup:
         return True
 
     @classmethod
-    def create(cls, name: str, limits: "Limits") -> "_Cgroup | None":
+    def _named(cls, name: str) -> "_Cgroup | None":
+        """The sandbox cgroup `name` under the grader's own cgroup(s), or None where there are no cgroups."""
         parents = cls._parents()
-        if parents is None:
+        return None if parents is None else cls([os.path.join(folder, name) for folder in parents[1]], parents[0])
+
+    @classmethod
+    def create(cls, name: str, limits: "Limits") -> "_Cgroup | None":
+        group = cls._named(name)
+        if group is None:
             return None
-        version, folders = parents
-        group = cls([os.path.join(folder, name) for folder in folders], version)
+        version = group.version
         memory = limits.memory_mb * 2**20
         try:
             for folder in group.folders:
@@ -341,12 +346,9 @@ class _Cgroup:
     @classmethod
     def remove_left(cls, name: str) -> None:
         """Remove the cgroup `name` if it is still there (its supervisor was killed), with whatever it holds."""
-        parents = cls._parents()
-        if parents is None:
-            return
-        folders = [os.path.join(folder, name) for folder in parents[1]]
-        if any(os.path.isdir(folder) for folder in folders):
-            cls([folder for folder in folders], parents[0]).remove()
+        group = cls._named(name)
+        if group is not None and any(os.path.isdir(folder) for folder in group.folders):
+            group.remove()
 
     def join(self) -> None:
         """Move the calling process into the cgroup (its children follow)."""
@@ -572,24 +574,24 @@ def _private_root(file_mb: int) -> str:
     for path, mode in (("/tmp", "1777"), ("/dev/shm", "1777")):
         os.makedirs(root + path, exist_ok=True)
         _mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV, f"size={file_mb}m,mode={mode}")
-    for path in sources:
-        if path == checkpoints:  # after the covering below
-            continue
-        target = root + path
-        if os.path.isdir(f"/proc/self/fd/{held[path]}"):
+
+    def bind(path: str) -> None:  # the held source at the same path in the new root, read-only
+        source, target = f"/proc/self/fd/{held[path]}", root + path
+        if os.path.isdir(source):
             os.makedirs(target, exist_ok=True)
         else:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             open(target, "a").close()
-        _bind_read_only(f"/proc/self/fd/{held[path]}", target, MS_NODEV)
+        _bind_read_only(source, target, MS_NODEV)
         os.close(held[path])
+
+    for path in folders + files:
+        bind(path)
     for path in covered:  # an installed copy of the course's own packages: an empty folder in its place
         if os.path.isdir(root + path):
             _mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=4k,mode=755")
     if checkpoints:  # data the labs load (ql.models.digits_cnn()), on top of a covered qlab folder if need be
-        os.makedirs(root + checkpoints, exist_ok=True)
-        _bind_read_only(f"/proc/self/fd/{held[checkpoints]}", root + checkpoints, MS_NODEV)
-        os.close(held[checkpoints])
+        bind(checkpoints)
     for name, target in links.items():
         os.symlink(target, f"{root}/{name}")
     os.makedirs(f"{root}/proc")

@@ -123,9 +123,9 @@ class Part:
         if any(weighted):
             if not all(weighted) or any(check.points <= 0 for check in self.checks):
                 raise ValueError(f"part {self.grade_id!r}: give every check positive points, or none (all or nothing)")
-            if not math.isclose(sum(check.points for check in self.checks), self.points, abs_tol=1e-9):
-                raise ValueError(f"part {self.grade_id!r}: its checks' points add up to "
-                                 f"{sum(check.points for check in self.checks):g}, not {self.points:g}")
+            total = sum(check.points for check in self.checks)
+            if not math.isclose(total, self.points, abs_tol=1e-9):
+                raise ValueError(f"part {self.grade_id!r}: its checks' points add up to {total:g}, not {self.points:g}")
         keys = [probe.key for check in self.checks for probe in check.probes() if probe.key]
         if len(keys) != len(set(keys)):
             raise ValueError(f"part {self.grade_id!r}: two probes have the same key")
@@ -176,7 +176,6 @@ def describe(*values) -> str:
 def _tensor_category(x: torch.Tensor) -> str:
     if x.numel() == 0:
         return f"an empty {x.dim()}-D tensor"
-    shape = "a scalar" if x.dim() == 0 else f"a {x.dim()}-D"
     kind = "integer" if not (x.is_floating_point() or x.is_complex()) else "float"
     values = x.double() if kind == "float" else x.long()
     if kind == "float" and not torch.isfinite(values).all():
@@ -198,8 +197,7 @@ def _tensor_category(x: torch.Tensor) -> str:
         extra = " wide-range"
     elif kind == "float" and values.abs().max() < 1e-2 and sign != "all-zero":
         extra = " tiny-valued"
-    noun = "" if x.dim() == 0 else " tensor"
-    return f"{shape} {sign}{extra} {kind}{noun}" if x.dim() else f"a {sign}{extra} {kind} scalar"
+    return f"a {x.dim()}-D {sign}{extra} {kind} tensor" if x.dim() else f"a {sign}{extra} {kind} scalar"
 
 
 def load(lab: str) -> ModuleType:

@@ -96,15 +96,15 @@ def function_of(name: str, foreign: bool = False) -> types.FunctionType:
             raise ValueError(f"no module of {name!r} can be imported: is its package installed?")
     for part in parts:
         if not hasattr(function, part):
-            where = name if foreign else f"ql.{name}"
-            raise ValueError(f"qlab has no {name!r} to switch off: check the name against `import qlab as ql; ql.{name}`"
-                             if not foreign else f"there is no {where} to switch off: check the name")
+            raise ValueError(f"there is no {name} to switch off: check the name" if foreign else
+                             f"qlab has no {name!r} to switch off: check the name against `import qlab as ql; ql.{name}`")
         function = getattr(function, part)
     function = getattr(function, "__func__", function)  # a classmethod or staticmethod
     while hasattr(function, "__wrapped__"):  # a functools.wraps wrapper (torch.no_grad()) calls the original,
         function = function.__wrapped__       # whose code is the one to replace
     if not isinstance(function, types.FunctionType):
-        raise ValueError(f"ql.{name} is a {type(function).__name__}, not a Python function: it cannot be switched off")
+        raise ValueError(f"{name if foreign else 'ql.' + name} is a {type(function).__name__}, not a Python function: "
+                         "it cannot be switched off")
     return function
 
 
