@@ -1325,3 +1325,14 @@ def test_lab3_round_half_even_is_checked(fair_lab3):
     assert points_lost(fair_lab3["half_away"]) == {"test_ste_forward": 10}, fair_lab3["half_away"]
     message = next(p.message for p in fair_lab3["half_away"].parts if p.grade_id == "test_ste_forward")
     assert "ties at .5" in message, message
+
+
+def test_lab3_text_numbers_hold():
+    """The numbers lab 3's text gives for choosing 3 bits: 4-bit PTQ keeps 99.2 % and the untrained 4-bit QAT
+    model reaches 99.4 %; at 3 bits PTQ falls to about 62 % and the untrained QAT model to about 83 %."""
+    from autograder.specs import lab3
+
+    assert lab3.reference_ptq(4) == pytest.approx(0.992, abs=0.002)
+    assert lab3.reference_ptq(4, steps="lsq") == pytest.approx(0.994, abs=0.002)
+    assert lab3.reference_ptq(3) == pytest.approx(0.62, abs=0.02)
+    assert lab3.reference_ptq(3, steps="lsq") == pytest.approx(0.83, abs=0.02)

@@ -264,7 +264,10 @@ def qat_is_quantized() -> Part:
 # -- Part 4: analysis --------------------------------------------------------------------------------------
 
 
-def reference_ptq(bits: int) -> float:
+def reference_ptq(bits: int, steps: str = "minmax") -> float:
+    """Test accuracy of the folded model with weights and layer inputs fake-quantized at `bits`, per tensor:
+    with min/max steps (PTQ, `static_fake_quant`), or with LSQ's initial steps (the untrained QAT model of
+    `prepare_qat`: 2 mean|t| / sqrt(qp))."""
     folded, x_test, y_test, calib_x = setup()
     model = copy.deepcopy(folded)
     inputs = {}
@@ -275,11 +278,15 @@ def reference_ptq(bits: int) -> float:
     for handle in handles:
         handle.remove()
     w_qp, a_qp = 2 ** (bits - 1) - 1, 2 ** bits - 1
+
+    def step(t: torch.Tensor, qp: int) -> float:
+        return float(t.abs().max()) / qp if steps == "minmax" else float(2 * t.abs().mean() / math.sqrt(qp))
+
     for name in LAYERS:
         layer = model.get_submodule(name)
         with torch.no_grad():
-            layer.weight.copy_(torch.fake_quantize_per_tensor_affine(layer.weight, float(layer.weight.abs().max()) / w_qp, 0, -w_qp, w_qp))
-        s = float(inputs[name].max()) / a_qp
+            layer.weight.copy_(torch.fake_quantize_per_tensor_affine(layer.weight, step(layer.weight, w_qp), 0, -w_qp, w_qp))
+        s = step(inputs[name], a_qp)
         layer.register_forward_pre_hook(lambda _m, args, s=s: torch.fake_quantize_per_tensor_affine(args[0], s, 0, 0, a_qp))
     return ql.eval.accuracy(model, x_test, y_test)
 
